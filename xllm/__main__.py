@@ -1,0 +1,5 @@
+import sys
+
+from xllm.cli.main import main
+
+sys.exit(main())

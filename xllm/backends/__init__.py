@@ -1,0 +1,1 @@
+"""Backends: one package per accelerator family, each importing `xllm.hal` only."""

@@ -1,0 +1,56 @@
+"""The hardware-abstraction layer: the one contract between the engine and every accelerator.
+
+Everything above this package (models, engine, service) talks to a `Backend` obtained from
+`get_backend()` and never names a device.
+"""
+
+from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
+from xllm.hal.comm import Communicator
+from xllm.hal.errors import (
+    BackendUnavailableError,
+    HALError,
+    NotSupportedError,
+    UnknownBackendError,
+    UnmappedMemoryError,
+)
+from xllm.hal.graphs import DEFAULT_CAPTURE_SIZES, GraphInput, GraphRunner
+from xllm.hal.memory import MemInfo, XTensor
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, pad_token_lists
+from xllm.hal.registry import (
+    BackendInfo,
+    get_backend,
+    known_backend_names,
+    list_backends,
+    register_backend,
+    unregister_backend,
+)
+from xllm.hal.streams import Event, Stream
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "AttentionMetadata",
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "Capabilities",
+    "Communicator",
+    "DEFAULT_CAPTURE_SIZES",
+    "Event",
+    "GraphInput",
+    "GraphRunner",
+    "HALError",
+    "MemInfo",
+    "NotSupportedError",
+    "SampleOutput",
+    "SamplingMetadata",
+    "Stream",
+    "UnknownBackendError",
+    "UnmappedMemoryError",
+    "XTensor",
+    "get_backend",
+    "known_backend_names",
+    "list_backends",
+    "pad_token_lists",
+    "register_backend",
+    "unregister_backend",
+]

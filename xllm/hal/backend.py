@@ -1,0 +1,398 @@
+"""The `Backend` contract: everything the engine may ask of an accelerator.
+
+Public methods are the contract. They check their arguments once, here (so every backend rejects
+bad input with the same ValueError), then call the matching ``_method`` that a backend implements.
+A new accelerator subclasses `Backend`, fills in the abstract ``_`` methods and the class
+attributes, and registers itself (see `xllm.hal.registry`); nothing above the HAL changes.
+
+Op semantics are defined by the CPU reference backend and pinned down by the conformance suite;
+the docstrings below say what each op computes in words.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from xllm.hal.comm import Communicator
+from xllm.hal.errors import NotSupportedError
+from xllm.hal.graphs import GraphInput, GraphRunner
+from xllm.hal.memory import MemInfo, XTensor
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
+from xllm.hal.streams import Event, Stream
+from xllm.hal.validation import INDEX_DTYPES, check_dim, check_same_dtype, check_tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do, asked instead of testing device names above the HAL."""
+
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    graph_capture: bool = False  # True when replay is a real device graph, not eager re-execution
+    virtual_memory: bool = False  # xTensor pages backed by real virtual-memory mapping
+    collective_backend: str = "gloo"  # the torch.distributed backend its Communicator uses
+    kv_cache_layout: str = "NHD"  # [num_blocks, block_size, num_kv_heads, head_dim]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+            "graph_capture": self.graph_capture,
+            "virtual_memory": self.virtual_memory,
+            "collective_backend": self.collective_backend,
+            "kv_cache_layout": self.kv_cache_layout,
+        }
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    device_type: ClassVar[str]  # the torch device string of its tensors: "cpu", "cuda", "npu"
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities()
+
+    # ------------------------------------------------------------------ identity
+
+    @classmethod
+    @abstractmethod
+    def probe(cls, **options: object) -> str | None:
+        """None when the backend can run here, else the one-line reason it cannot.
+
+        Must not raise and must not import optional heavy dependencies at module import time:
+        `xllm backends` probes every backend on every machine.
+        """
+
+    @classmethod
+    def is_available(cls, **options: object) -> bool:
+        return cls.probe(**options) is None
+
+    @classmethod
+    def unavailable_reason(cls, **options: object) -> str | None:
+        return cls.probe(**options)
+
+    @classmethod
+    def device_count(cls) -> int:
+        """Number of devices of this kind visible to the process (0 when unavailable)."""
+        return 0
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.CAPABILITIES
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ ops
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``, computed in float32.
+
+        With `residual`, first forms ``h = x + residual`` (in x's dtype, as Hugging Face does) and
+        returns ``(rms_norm(h), h)``, so a decoder layer needs one call per norm. Inputs are not
+        modified. x: [..., hidden]; weight: [hidden].
+        """
+        op = "rms_norm"
+        check_tensor(op, "x", x, ndim=(2, 3), dtypes=self.capabilities.dtypes)
+        check_tensor(op, "weight", weight, ndim=1, dtypes=self.capabilities.dtypes)
+        check_dim(op, "weight", weight.shape[0], x.shape[-1], "length")
+        if residual is not None:
+            check_tensor(op, "residual", residual, dtypes=(x.dtype,))
+            if residual.shape != x.shape:
+                raise ValueError(f"{op}: argument 'residual' has shape {tuple(residual.shape)}, expected {tuple(x.shape)}")
+        if not eps > 0:
+            raise ValueError(f"{op}: argument 'eps' must be positive, got {eps}")
+        return self._rms_norm(x, weight, float(eps), residual)
+
+    def rotary_embedding(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        neox_style: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary position embedding of q and k, possibly in place; returns (q, k).
+
+        q: [T, num_q_heads, head_dim]; k: [T, num_kv_heads, head_dim]; positions: [T];
+        cos_sin_cache: [max_position, rot_dim] float32 holding cos in its first rot_dim/2 columns
+        and sin in the rest (vLLM's layout). The first rot_dim dims of each head rotate; with
+        `neox_style` the pairs are (i, i + rot_dim/2) (Llama/Qwen), else interleaved (2i, 2i+1)
+        (GPT-J). The product is formed in float32 and cast back to q's dtype.
+        """
+        op = "rotary_embedding"
+        check_tensor(op, "positions", positions, ndim=1, dtypes=INDEX_DTYPES)
+        check_tensor(op, "q", q, ndim=3, dtypes=self.capabilities.dtypes)
+        check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,))
+        check_tensor(op, "cos_sin_cache", cos_sin_cache, ndim=2, dtypes=FLOAT_DTYPES)
+        check_dim(op, "q", q.shape[0], positions.shape[0], "token count")
+        check_dim(op, "k", k.shape[0], positions.shape[0], "token count")
+        check_dim(op, "k", k.shape[2], q.shape[2], "head_dim")
+        rot_dim = cos_sin_cache.shape[1]
+        if rot_dim % 2 or rot_dim > q.shape[2]:
+            raise ValueError(f"{op}: argument 'cos_sin_cache' has rot_dim {rot_dim}; need an even rot_dim <= head_dim {q.shape[2]}")
+        return self._rotary_embedding(positions, q, k, cos_sin_cache, bool(neox_style))
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU gate: ``silu(x[..., :d]) * x[..., d:]`` for x: [..., 2d]."""
+        self._check_gated("silu_and_mul", x)
+        return self._silu_and_mul(x)
+
+    def gelu_and_mul(self, x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torch.Tensor:
+        """GeGLU gate: ``gelu(x[..., :d]) * x[..., d:]`` (exact erf or tanh approximation)."""
+        self._check_gated("gelu_and_mul", x)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_and_mul: argument 'approximate' must be 'none' or 'tanh', got {approximate!r}")
+        return self._gelu_and_mul(x, approximate)
+
+    def reshape_and_cache(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Writes token t's k/v into cache slot ``slot_mapping[t]`` (block, offset = divmod(slot,
+        block_size)); slots < 0 are skipped. k, v: [T, num_kv_heads, head_dim]; caches:
+        [num_blocks, block_size, num_kv_heads, head_dim]. Writes in place, returns nothing."""
+        op = "reshape_and_cache"
+        self._check_kv(op, k, v, k_cache, v_cache)
+        check_tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES)
+        check_dim(op, "slot_mapping", slot_mapping.shape[0], k.shape[0], "length")
+        self._reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Causal paged attention for a mixed prefill/decode batch; returns [T, num_q_heads, head_dim].
+
+        q: [T, num_q_heads, head_dim]. k, v are the new tokens' keys/values, already written to
+        the caches by `reshape_and_cache` (a backend may read them instead of the cache). Query
+        heads map onto KV heads in groups (GQA/MQA): head h uses KV head h // (num_q_heads //
+        num_kv_heads). See `AttentionMetadata` for positions, masking and the sliding window.
+        Softmax is computed in float32.
+        """
+        op = "attention"
+        check_tensor(op, "q", q, ndim=3, dtypes=self.capabilities.dtypes)
+        self._check_kv(op, k, v, k_cache, v_cache)
+        check_same_dtype(op, "q", q, k=k)
+        check_dim(op, "q", q.shape[0], k.shape[0], "token count")
+        check_dim(op, "q", q.shape[2], k.shape[2], "head_dim")
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(
+                f"{op}: argument 'q' has {q.shape[1]} heads, not a multiple of the {k.shape[1]} KV heads"
+            )
+        md = metadata
+        if not isinstance(md, AttentionMetadata):
+            raise ValueError(f"{op}: argument 'metadata' must be AttentionMetadata, got {type(md).__name__}")
+        check_tensor(op, "metadata.query_start_loc", md.query_start_loc, ndim=1, dtypes=INDEX_DTYPES)
+        check_tensor(op, "metadata.seq_lens", md.seq_lens, ndim=1, dtypes=INDEX_DTYPES)
+        check_tensor(op, "metadata.block_tables", md.block_tables, ndim=2, dtypes=INDEX_DTYPES)
+        check_tensor(op, "metadata.slot_mapping", md.slot_mapping, ndim=1, dtypes=INDEX_DTYPES)
+        num_seqs = md.seq_lens.shape[0]
+        check_dim(op, "metadata.query_start_loc", md.query_start_loc.shape[0], num_seqs + 1, "length")
+        check_dim(op, "metadata.block_tables", md.block_tables.shape[0], num_seqs, "row count")
+        check_dim(op, "metadata.slot_mapping", md.slot_mapping.shape[0], q.shape[0], "length")
+        if md.sliding_window is not None and md.sliding_window <= 0:
+            raise ValueError(f"{op}: argument 'metadata.sliding_window' must be positive or None, got {md.sliding_window}")
+        if md.max_seq_len > md.block_tables.shape[1] * k_cache.shape[1]:
+            raise ValueError(
+                f"{op}: argument 'metadata.block_tables' covers {md.block_tables.shape[1] * k_cache.shape[1]} tokens, "
+                f"fewer than max_seq_len {md.max_seq_len}"
+            )
+        return self._attention(q, k, v, k_cache, v_cache, md)
+
+    def processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
+        """float32 [B, V] logits after penalties, temperature, top-k, top-p and min-p; removed
+        tokens are -inf. Greedy rows get penalties only. ``softmax`` of it is the distribution
+        `sample` draws from; the conformance suite compares it across backends."""
+        self._check_sampling("processed_logits", logits, sampling)
+        return self._processed_logits(logits, sampling)
+
+    def sample(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SampleOutput:
+        """Samples one token per row of logits [B, V] (see `SamplingMetadata`) with logprobs."""
+        self._check_sampling("sample", logits, sampling)
+        return self._sample(logits, sampling)
+
+    # ------------------------------------------------------------------ memory
+
+    def mem_info(self, device_index: int = 0) -> MemInfo:
+        """Free and total bytes of the device's memory."""
+        return self._mem_info(device_index)
+
+    def allocate_kv_cache(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device_index: int = 0,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (k_cache, v_cache) per layer in the backend's declared layout."""
+        for arg, value in (
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if value <= 0:
+                raise ValueError(f"allocate_kv_cache: argument '{arg}' must be positive, got {value}")
+        if dtype not in self.capabilities.dtypes:
+            raise ValueError(f"allocate_kv_cache: argument 'dtype' {dtype} is not supported by backend {self.name!r}")
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        dev = self.device(device_index)
+        return [
+            (torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+            for _ in range(num_layers)
+        ]
+
+    def create_xtensor(self, num_pages: int, page_size_bytes: int | None = None, device_index: int = 0) -> XTensor:
+        """Reserves ``num_pages`` pages of virtual memory; none are mapped yet."""
+        if not self.capabilities.virtual_memory:
+            raise NotSupportedError(f"backend {self.name!r} has no virtual-memory xTensor support")
+        return self._create_xtensor(num_pages, page_size_bytes, device_index)
+
+    # ------------------------------------------------------------------ graphs
+
+    def create_graph_runner(
+        self,
+        fn: Callable[..., torch.Tensor],
+        inputs: dict[str, GraphInput],
+        capture_sizes: Sequence[int] | None = None,
+        max_batch_size: int | None = None,
+        device_index: int = 0,
+    ) -> GraphRunner:
+        """A `GraphRunner` for `fn` on this backend; call `capture()` before `run()`."""
+        return self._create_graph_runner(fn, inputs, capture_sizes, max_batch_size, device_index)
+
+    # ------------------------------------------------------------------ streams
+
+    @abstractmethod
+    def create_stream(self, device_index: int = 0) -> Stream: ...
+
+    @abstractmethod
+    def create_event(self, enable_timing: bool = False) -> Event: ...
+
+    @abstractmethod
+    def current_stream(self, device_index: int = 0) -> Stream: ...
+
+    @abstractmethod
+    def synchronize(self, device_index: int = 0) -> None:
+        """Blocks until all queued device work is done."""
+
+    # ------------------------------------------------------------------ comm
+
+    def create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        """Joins a group of `world_size` processes over the backend's collective library.
+
+        `init_method` is a torch.distributed URL such as ``tcp://127.0.0.1:29500``.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"create_communicator: argument 'rank' must be in [0, {world_size}), got {rank}")
+        return self._create_communicator(rank, world_size, init_method)
+
+    # ------------------------------------------------------------------ what a backend implements
+
+    @abstractmethod
+    def _rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def _rotary_embedding(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, neox_style: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def _silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _reshape_and_cache(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None: ...
+
+    @abstractmethod
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SampleOutput: ...
+
+    @abstractmethod
+    def _mem_info(self, device_index: int) -> MemInfo: ...
+
+    def _create_xtensor(self, num_pages: int, page_size_bytes: int | None, device_index: int) -> XTensor:
+        raise NotSupportedError(f"backend {self.name!r} has no virtual-memory xTensor support")
+
+    @abstractmethod
+    def _create_graph_runner(
+        self,
+        fn: Callable[..., torch.Tensor],
+        inputs: dict[str, GraphInput],
+        capture_sizes: Sequence[int] | None,
+        max_batch_size: int | None,
+        device_index: int,
+    ) -> GraphRunner: ...
+
+    @abstractmethod
+    def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator: ...
+
+    # ------------------------------------------------------------------ shared checks
+
+    def _check_gated(self, op: str, x: torch.Tensor) -> None:
+        check_tensor(op, "x", x, ndim=(2, 3), dtypes=self.capabilities.dtypes)
+        if x.shape[-1] % 2:
+            raise ValueError(f"{op}: argument 'x' must have an even last dim, got {x.shape[-1]}")
+
+    def _check_kv(
+        self, op: str, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        check_tensor(op, "k", k, ndim=3, dtypes=self.capabilities.dtypes)
+        check_tensor(op, "v", v, ndim=3, dtypes=(k.dtype,))
+        check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=(k.dtype,))
+        check_tensor(op, "v_cache", v_cache, ndim=4, dtypes=(k.dtype,))
+        if v.shape != k.shape:
+            raise ValueError(f"{op}: argument 'v' has shape {tuple(v.shape)}, expected {tuple(k.shape)} like 'k'")
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(
+                f"{op}: argument 'v_cache' has shape {tuple(v_cache.shape)}, expected {tuple(k_cache.shape)}"
+            )
+        if tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
+            raise ValueError(
+                f"{op}: argument 'k_cache' has (num_kv_heads, head_dim) {tuple(k_cache.shape[2:])}, "
+                f"expected {tuple(k.shape[1:])} like 'k'"
+            )
+
+    def _check_sampling(self, op: str, logits: torch.Tensor, sampling: SamplingMetadata) -> None:
+        check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+        if not isinstance(sampling, SamplingMetadata):
+            raise ValueError(f"{op}: argument 'sampling' must be SamplingMetadata, got {type(sampling).__name__}")
+        check_dim(op, "sampling.temperature", sampling.num_rows, logits.shape[0], "row count")

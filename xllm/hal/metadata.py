@@ -1,0 +1,169 @@
+"""Metadata that travels with a batch into the HAL attention and sampling ops.
+
+Both dataclasses are defined here, above every backend, so that the CPU reference, the Triton
+kernels and the Ascend fused operators all read exactly the same description of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Describes one mixed batch of B sequences flattened into T query tokens.
+
+    Sequence i owns query tokens ``query_start_loc[i]:query_start_loc[i+1]``; they are its *last*
+    ``query_len_i`` tokens, so with ``seq_len_i = seq_lens[i]`` the query token j of sequence i
+    sits at position ``seq_len_i - query_len_i + j`` and attends causally to keys ``0..position``
+    (a prefill chunk sees its cached prefix plus its own earlier tokens; a decode has query_len 1).
+
+    The keys and values of *all* context tokens, the new ones included, are read from the paged
+    cache: callers write the new tokens with ``reshape_and_cache`` (using ``slot_mapping``) before
+    calling ``attention``. Token t of a sequence lives in block ``block_tables[i, t // block_size]``
+    at offset ``t % block_size``.
+
+    Padding rows (graph replay pads a decode batch up to its bucket) are ordinary one-token
+    sequences with ``seq_len`` 1 over block 0 and slot -1: no backend needs a special case, and
+    their outputs are ignored.
+    """
+
+    query_start_loc: torch.Tensor  # [B + 1] int32, cumulative query lengths, starts at 0
+    seq_lens: torch.Tensor  # [B] int32, context length including the new tokens
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32, physical block ids
+    slot_mapping: torch.Tensor  # [T] int64, cache slot per new token (block * block_size + offset), -1 = skip
+    max_query_len: int  # host-side bounds, so kernels can size grids without a device sync
+    max_seq_len: int
+    scale: float  # softmax scale, usually head_dim ** -0.5
+    sliding_window: int | None = None  # a query at position p sees keys in (p - window, p]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """Per-row sampling controls for a batch of B logits rows, as device tensors.
+
+    Processing order (the order Hugging Face's logits processors use, so parity is checkable):
+    penalties -> temperature -> top-k -> top-p -> min-p -> sample. Rows with temperature 0 are
+    greedy: argmax of the penalised logits, no truncation.
+
+    Randomness is stateless per row: row i draws with a generator seeded from
+    ``(seeds[i], steps[i])`` where ``steps[i]`` counts the tokens the request has already sampled.
+    The same request with the same seed therefore samples the same tokens alone or inside any
+    batch, across preemption, and inside a captured graph. The engine gives unseeded requests a
+    seed from its own seeded RNG.
+    """
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] int32, <= 0 disables
+    top_p: torch.Tensor  # [B] float32, 1.0 disables
+    min_p: torch.Tensor  # [B] float32, 0.0 disables
+    seeds: torch.Tensor  # [B] int64
+    steps: torch.Tensor  # [B] int64, tokens sampled so far by the row's request
+    repetition_penalty: torch.Tensor  # [B] float32, 1.0 disables (applies to prompt + output tokens)
+    presence_penalty: torch.Tensor  # [B] float32, 0.0 disables (output tokens only)
+    frequency_penalty: torch.Tensor  # [B] float32, 0.0 disables (output tokens only)
+    # Token histories padded with vocab_size (an id no row holds); None when no row uses penalties.
+    prompt_token_ids: torch.Tensor | None = None  # [B, max_prompt_len] int64
+    output_token_ids: torch.Tensor | None = None  # [B, max_output_len] int64
+    max_num_logprobs: int = -1  # -1: no logprobs; k >= 0: sampled token's logprob plus top-k
+    # Host-side summaries so backends can take fast paths without reading device tensors.
+    all_greedy: bool = False
+    no_penalties: bool = True
+    no_top_k: bool = True
+    no_top_p: bool = True
+    no_min_p: bool = True
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        temperature: list[float],
+        device: torch.device | str = "cpu",
+        top_k: list[int] | None = None,
+        top_p: list[float] | None = None,
+        min_p: list[float] | None = None,
+        seeds: list[int] | None = None,
+        steps: list[int] | None = None,
+        repetition_penalty: list[float] | None = None,
+        presence_penalty: list[float] | None = None,
+        frequency_penalty: list[float] | None = None,
+        prompt_token_ids: list[list[int]] | None = None,
+        output_token_ids: list[list[int]] | None = None,
+        vocab_size: int | None = None,
+        max_num_logprobs: int = -1,
+    ) -> SamplingMetadata:
+        """Builds the tensors from per-row Python lists (defaults disable each control)."""
+        n = len(temperature)
+
+        def col(values, default, dtype):
+            return torch.tensor(values if values is not None else [default] * n, dtype=dtype, device=device)
+
+        rep = col(repetition_penalty, 1.0, torch.float32)
+        pres = col(presence_penalty, 0.0, torch.float32)
+        freq = col(frequency_penalty, 0.0, torch.float32)
+        no_penalties = bool((rep == 1.0).all() and (pres == 0.0).all() and (freq == 0.0).all())
+        prompt_t = output_t = None
+        if not no_penalties:
+            if vocab_size is None:
+                raise ValueError("vocab_size is required when penalties are used")
+            prompt_t = pad_token_lists(prompt_token_ids or [[] for _ in range(n)], vocab_size, device)
+            output_t = pad_token_lists(output_token_ids or [[] for _ in range(n)], vocab_size, device)
+        temp = col(temperature, 1.0, torch.float32)
+        tk = col(top_k, 0, torch.int32)
+        tp = col(top_p, 1.0, torch.float32)
+        mp = col(min_p, 0.0, torch.float32)
+        return cls(
+            temperature=temp,
+            top_k=tk,
+            top_p=tp,
+            min_p=mp,
+            seeds=col(seeds, 0, torch.int64),
+            steps=col(steps, 0, torch.int64),
+            repetition_penalty=rep,
+            presence_penalty=pres,
+            frequency_penalty=freq,
+            prompt_token_ids=prompt_t,
+            output_token_ids=output_t,
+            max_num_logprobs=max_num_logprobs,
+            all_greedy=bool((temp == 0).all()),
+            no_penalties=no_penalties,
+            no_top_k=bool((tk <= 0).all()),
+            no_top_p=bool((tp >= 1.0).all()),
+            no_min_p=bool((mp <= 0.0).all()),
+        )
+
+
+def pad_token_lists(rows: list[list[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:
+    """Pads ragged token-id lists into one [B, max_len] int64 tensor (at least one column)."""
+    width = max([len(r) for r in rows] + [1])
+    out = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return out.to(device)
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    """What `Backend.sample` returns for B rows."""
+
+    sampled_token_ids: torch.Tensor  # [B] int64
+    # Log-probabilities come from the raw logits (log_softmax before any processing), as
+    # OpenAI's and vLLM's logprobs do; None unless max_num_logprobs >= 0.
+    sampled_logprobs: torch.Tensor | None = None  # [B] float32
+    top_logprobs: torch.Tensor | None = None  # [B, k] float32, descending
+    top_token_ids: torch.Tensor | None = None  # [B, k] int64
