@@ -1,0 +1,100 @@
+"""Paged causal attention of the CPU reference backend, for mixed prefill/decode batches.
+
+Keys and values are always read from the paged cache [num_blocks, block_size, num_kv_heads,
+head_dim] through the block tables (see `AttentionMetadata`). All decode rows (query length 1)
+are gathered into one padded batch and attended with a handful of batched matmuls; each prefill
+chunk is attended on its own, in query chunks that bound the size of the score matrix. Scores,
+softmax and the weighted sum are float32; the result is cast back to q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xllm.hal.metadata import AttentionMetadata
+
+# Upper bound on the float32 score elements materialised at once by a prefill chunk (256 MiB).
+_MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """[B, ctx_len, num_kv_heads, head_dim] float32: each row's first ctx_len cached tokens."""
+    block_size = cache.shape[1]
+    num_blocks = -(-ctx_len // block_size)
+    tables = block_tables[:, :num_blocks].to(torch.int64)
+    # Table entries past a sequence's last block may hold anything (padding); point them at
+    # block 0 so the gather stays in range. Their tokens are masked out anyway.
+    blocks_used = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    in_use = torch.arange(num_blocks).unsqueeze(0) < blocks_used.unsqueeze(1)
+    tables = torch.where(in_use, tables, torch.zeros_like(tables))
+    ctx = cache[tables]  # [B, num_blocks, block_size, Hkv, D]
+    return ctx.flatten(1, 2)[:, :ctx_len].to(torch.float32)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Masked softmax attention in float32 with grouped KV heads.
+
+    q: [B, Lq, Hq, D]; k, v: [B, L, Hkv, D]; mask: [B, Lq, L] True where the key is visible.
+    Returns [B, Lq, Hq, D] float32.
+    """
+    b, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    # Query head h uses KV head h // group: view the query heads as [Hkv, group].
+    qg = q.to(torch.float32).view(b, lq, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, group * lq, d)
+    kt = k.permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    scores = torch.matmul(qg, kt).mul_(scale).view(b, hkv, group, lq, -1)
+    scores.masked_fill_(~mask.view(b, 1, 1, lq, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, group * lq, -1)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, group * Lq, D]
+    return out.view(b, hkv, group, lq, d).permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+
+
+def _visible(query_pos: torch.Tensor, ctx_len: int, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, Lq, ctx_len] mask: key t is visible to a query at position p iff t <= p, t < seq_len,
+    and (with a sliding window) t > p - window."""
+    keys = torch.arange(ctx_len).view(1, 1, -1)
+    pos = query_pos.unsqueeze(-1)
+    mask = (keys <= pos) & (keys < seq_lens.view(-1, 1, 1))
+    if window is not None:
+        mask &= keys > pos - window
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
+    starts = md.query_start_loc.to(torch.int64)
+    seq_lens = md.seq_lens.to(torch.int64)
+    query_lens = starts[1:] - starts[:-1]
+    is_decode = query_lens == 1
+
+    decode_rows = is_decode.nonzero().flatten()
+    if decode_rows.numel():
+        d_lens = seq_lens[decode_rows]
+        ctx_len = int(d_lens.max())
+        tables = md.block_tables[decode_rows]
+        k_ctx = _gather_context(k_cache, tables, d_lens, ctx_len)
+        v_ctx = _gather_context(v_cache, tables, d_lens, ctx_len)
+        tokens = starts[decode_rows]
+        mask = _visible((d_lens - 1).view(-1, 1), ctx_len, d_lens, md.sliding_window)
+        res = _attend(q[tokens].unsqueeze(1), k_ctx, v_ctx, mask, md.scale)
+        out[tokens] = res.squeeze(1).to(q.dtype)
+
+    # Prefill chunks (query length > 1) one sequence at a time: their lengths differ too much
+    # to pad them together without wasting most of the work.
+    for i in (query_lens > 1).nonzero().flatten().tolist():
+        start, q_len, seq_len = int(starts[i]), int(query_lens[i]), int(seq_lens[i])
+        k_ctx = _gather_context(k_cache, md.block_tables[i : i + 1], seq_lens[i : i + 1], seq_len)
+        v_ctx = _gather_context(v_cache, md.block_tables[i : i + 1], seq_lens[i : i + 1], seq_len)
+        step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * seq_len))
+        for j in range(0, q_len, step):
+            lq = min(step, q_len - j)
+            # Query token j of the chunk sits at position seq_len - q_len + j.
+            pos = torch.arange(seq_len - q_len + j, seq_len - q_len + j + lq).view(1, -1)
+            mask = _visible(pos, seq_len, seq_lens[i : i + 1], md.sliding_window)
+            res = _attend(q[start + j : start + j + lq].unsqueeze(0), k_ctx, v_ctx, mask, md.scale)
+            out[start + j : start + j + lq] = res.squeeze(0).to(q.dtype)
+    return out

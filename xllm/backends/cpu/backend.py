@@ -1,0 +1,151 @@
+"""`CpuBackend`: the reference implementation of the HAL contract, and the CPU runtime.
+
+Every op is plain float32 torch (see ops.py, attention.py, sampling.py), which makes it the
+oracle the accelerator backends are checked against by the conformance suite; it is also what the
+engine runs on machines without an accelerator. Graphs replay eagerly, streams are synchronous,
+xTensor pages are real mmap pages and collectives go over gloo.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+
+from xllm.backends.cpu import attention, ops
+from xllm.backends.cpu import sampling as cpu_sampling  # the contract names a parameter `sampling`
+from xllm.backends.cpu.comm import GlooCommunicator
+from xllm.backends.cpu.graphs import CpuGraphRunner
+from xllm.backends.cpu.streams import CpuEvent, CpuStream
+from xllm.backends.cpu.xtensor import CpuXTensor
+from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
+from xllm.hal.comm import Communicator
+from xllm.hal.graphs import GraphInput, GraphRunner
+from xllm.hal.memory import MemInfo, XTensor
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
+from xllm.hal.streams import Event, Stream
+
+
+def read_meminfo() -> MemInfo:
+    """Available and total system memory from /proc/meminfo (values there are in KiB)."""
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                fields[key] = int(parts[0]) * 1024
+    total = fields["MemTotal"]
+    return MemInfo(free_bytes=fields.get("MemAvailable", fields.get("MemFree", 0)), total_bytes=total)
+
+
+class CpuBackend(Backend):
+    name: ClassVar[str] = "cpu"
+    device_type: ClassVar[str] = "cpu"
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        dtypes=FLOAT_DTYPES,
+        graph_capture=False,  # replay re-executes eagerly
+        virtual_memory=True,  # xTensor pages are mmap/mprotect/madvise pages
+        collective_backend="gloo",
+        kv_cache_layout="NHD",
+        notes=("reference backend: float32 math, eager graphs, synchronous streams",),
+    )
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self._stream_stack = threading.local()
+        self._default_stream = CpuStream(self._stream_stack)
+
+    # ------------------------------------------------------------------ identity
+
+    @classmethod
+    def probe(cls, **options: object) -> str | None:
+        return None  # torch always runs on the CPU
+
+    @classmethod
+    def device_count(cls) -> int:
+        return 1
+
+    # ------------------------------------------------------------------ ops
+
+    def _rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return ops.rms_norm(x, weight, eps, residual)
+
+    def _rotary_embedding(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, neox_style: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rotary_embedding(positions, q, k, cos_sin_cache, neox_style)
+
+    def _silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.silu_and_mul(x)
+
+    def _gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        return ops.gelu_and_mul(x, approximate)
+
+    def _reshape_and_cache(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return attention.paged_attention(q, k_cache, v_cache, metadata)
+
+    def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
+        return cpu_sampling.processed_logits(logits, sampling)
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SampleOutput:
+        return cpu_sampling.sample(logits, sampling)
+
+    # ------------------------------------------------------------------ memory
+
+    def _mem_info(self, device_index: int) -> MemInfo:
+        return read_meminfo()
+
+    def _create_xtensor(self, num_pages: int, page_size_bytes: int | None, device_index: int) -> XTensor:
+        return CpuXTensor(num_pages, page_size_bytes)
+
+    # ------------------------------------------------------------------ graphs
+
+    def _create_graph_runner(
+        self,
+        fn: Callable[..., torch.Tensor],
+        inputs: dict[str, GraphInput],
+        capture_sizes: Sequence[int] | None,
+        max_batch_size: int | None,
+        device_index: int,
+    ) -> GraphRunner:
+        return CpuGraphRunner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
+
+    # ------------------------------------------------------------------ streams
+
+    def create_stream(self, device_index: int = 0) -> Stream:
+        return CpuStream(self._stream_stack)
+
+    def create_event(self, enable_timing: bool = False) -> Event:
+        return CpuEvent(enable_timing)
+
+    def current_stream(self, device_index: int = 0) -> Stream:
+        streams = getattr(self._stream_stack, "streams", None)
+        return streams[-1] if streams else self._default_stream
+
+    def synchronize(self, device_index: int = 0) -> None:
+        pass  # CPU ops complete before they return
+
+    # ------------------------------------------------------------------ comm
+
+    def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        return GlooCommunicator(rank, world_size, init_method)
+
