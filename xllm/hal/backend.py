@@ -277,7 +277,8 @@ class Backend(ABC):
         max_batch_size: int | None = None,
         device_index: int = 0,
     ) -> GraphRunner:
-        """A `GraphRunner` for `fn` on this backend; call `capture()` before `run()`."""
+        """A `GraphRunner` for `fn` on this backend; `capture()` records every bucket up front,
+        otherwise `run()` captures a bucket the first time it is needed."""
         return self._create_graph_runner(fn, inputs, capture_sizes, max_batch_size, device_index)
 
     # ------------------------------------------------------------------ streams

@@ -92,7 +92,10 @@ class GraphRunner(ABC):
         if size is None:
             raise ValueError(f"batch of {batch_size} exceeds the largest capture size {self.max_capture_size}")
         if size not in self._captured:
-            raise RuntimeError(f"bucket {size} has not been captured; call capture() first")
+            # Capture on first use; engines on real graph backends capture everything up front
+            # with `capture()` so serving never pays for it.
+            self._capture(size, self.fn, {name: buf[:size] for name, buf in self.static_inputs.items()})
+            self._captured.add(size)
         for name, tensor in inputs.items():
             buf = self.static_inputs[name]
             spec = self.input_specs[name]

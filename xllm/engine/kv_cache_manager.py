@@ -1,0 +1,181 @@
+"""`KVCacheManager`: fixed-size KV blocks with reference counts and prefix caching.
+
+A block holds `block_size` tokens' K/V for every layer. Sequences own blocks through their block
+tables; a block shared by several sequences (a common prefix, or the n samples of one request)
+has one reference per owner. With prefix caching, every *full* block is named by a hash of its
+tokens chained with its parent block's hash, so equal prefixes map to equal hashes and a new
+sequence can adopt already-computed blocks. Freed blocks keep their contents and their hash in an
+LRU free list until they are reused, so later requests can still hit them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from xllm.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None  # set once the block is full and registered in the prefix cache
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+def chain_hash(parent_hash: int | None, block_tokens: tuple[int, ...]) -> int:
+    return hash((parent_hash, block_tokens))
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, least recently freed first: the front is evicted first.
+        # Invariant: a block is in free_blocks iff its ref_count is 0.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # hash -> block id for full blocks whose contents are known (in use or free-but-cached).
+        self.cached_blocks: dict[int, int] = {}
+        self.stats = PrefixCacheStats()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ allocation
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Adopts cached blocks for the longest cached full-block prefix of a fresh sequence.
+
+        Leaves at least one token to compute, because the step that computes it produces the
+        logits the sequence samples from. Returns the number of tokens now computed.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0, "prefix matching needs a fresh sequence"
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position's logits, so nothing can be skipped.
+            return 0
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        parent: int | None = None
+        for i in range(max_blocks):
+            h = chain_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            block_id = self.cached_blocks.get(h)
+            if block_id is None:
+                break
+            self._take(block_id)
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            parent = h
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        if seq.num_output_tokens == 0:  # hit rate counts prompts, not recomputation after preemption
+            self.stats.queried_tokens += seq.num_tokens
+            self.stats.hit_tokens += seq.num_computed_tokens
+            seq.num_cached_tokens = seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grows the block table to hold ``num_computed_tokens + num_new_tokens`` tokens.
+
+        All or nothing: returns False, changing nothing, when too few blocks are free.
+        """
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed <= 0:
+            return True
+        if needed > self.num_free_blocks:
+            return False
+        for _ in range(needed):
+            block_id, _ = self.free_blocks.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:  # evict its cached contents
+                if self.cached_blocks.get(block.block_hash) == block_id:
+                    del self.cached_blocks[block.block_hash]
+                block.block_hash = None
+            block.ref_count = 1
+            seq.block_table.append(block_id)
+        return True
+
+    def share_prefix(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
+        """Gives `child` the parent's blocks for its first `num_tokens` tokens (whole blocks only)."""
+        assert num_tokens % self.block_size == 0 and not child.block_table
+        n = num_tokens // self.block_size
+        for block_id in parent.block_table[:n]:
+            self._take(block_id)
+        child.block_table = parent.block_table[:n]
+        child.block_hashes = parent.block_hashes[: min(n, len(parent.block_hashes))]
+        child.num_computed_tokens = num_tokens
+
+    def commit_computed_blocks(self, seq: Sequence) -> None:
+        """Registers the sequence's newly full, computed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = seq.num_computed_tokens // bs
+        while len(seq.block_hashes) < num_full:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = chain_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if h not in self.cached_blocks and block.block_hash is None:
+                block.block_hash = h
+                self.cached_blocks[h] = block.block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Drops the sequence's references; blocks reaching zero join the free list.
+
+        Freed in reverse so that a sequence's tail is evicted before its prefix, which other
+        requests are more likely to share. Blocks without cached contents go to the front.
+        """
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"double free of block {block_id}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+                if block.block_hash is None:
+                    self.free_blocks.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        for h, block_id in list(self.cached_blocks.items()):
+            if self.blocks[block_id].ref_count == 0:
+                self.blocks[block_id].block_hash = None
+                del self.cached_blocks[h]
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_blocks[block_id]
+        block.ref_count += 1

@@ -1,0 +1,392 @@
+"""`LLMEngine`: the synchronous engine core that `LLM` and `AsyncLLM` drive.
+
+It owns the request lifecycle in one place: admission (tokenise, validate, reject alone),
+scheduling, one model step, and output processing (append tokens, detokenise, stop checks,
+finish and free). Everything device-specific is behind the HAL backend it gets from the registry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from xllm.engine.config import EngineConfig
+from xllm.engine.detokenizer import IncrementalDetokenizer
+from xllm.engine.errors import PromptTooLongError
+from xllm.engine.kv_cache_manager import KVCacheManager
+from xllm.engine.model_runner import ModelRunner, SampledToken
+from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from xllm.engine.sampling_params import SamplingParams
+from xllm.engine.scheduler import Scheduler
+from xllm.engine.sequence import Request, Sequence, SequenceStatus
+from xllm.hal import get_backend
+
+logger = logging.getLogger("xllm.engine")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_DEFAULT_KV_CACHE_CAP_BYTES = 1 << 30
+_SEED_BITS = 63
+
+PromptInput = str | list[int] | dict
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from xllm.models import default_model_path, load_generation_config, load_model, load_tokenizer
+
+        self.config = config
+        self.backend = get_backend(config.backend, **config.backend_options)
+        model_path = str(config.model) if config.model is not None else str(default_model_path())
+        self.model_path = model_path
+        dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+        self.model = load_model(model_path, self.backend, dtype=dtype)
+        self.model_config = self.model.config
+        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
+        self.generation_defaults = load_generation_config(model_path)
+        self.eos_token_ids = self._eos_ids()
+
+        mc = self.model_config
+        self.block_size = config.block_size
+        kv_dtype = next(iter(p for p in _model_tensors(self.model)), torch.empty(0)).dtype
+        bytes_per_block = 2 * mc.num_layers * config.block_size * mc.num_kv_heads * mc.head_dim * kv_dtype.itemsize
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                f"{mc.max_position_embeddings}"
+            )
+        if config.kv_cache_memory is not None:
+            kv_bytes = config.kv_cache_memory
+        else:
+            # Enough for every sequence slot at full length, capped so a CPU host keeps memory.
+            free = self.backend.mem_info().free_bytes
+            want = config.max_num_seqs * -(-max_len // config.block_size) * bytes_per_block
+            kv_bytes = max(min(want, int(free * 0.25), _DEFAULT_KV_CACHE_CAP_BYTES), bytes_per_block)
+        num_blocks = kv_bytes // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {kv_bytes} B holds no block; one block needs {bytes_per_block} B")
+        capacity = num_blocks * config.block_size
+        if max_len > capacity:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {max_len} needs {-(-max_len // config.block_size)} KV blocks but the cache "
+                    f"holds {num_blocks}; raise kv_cache_memory or lower max_model_len"
+                )
+            max_len = capacity
+        self.max_model_len = max_len
+        self.kv_caches = self.backend.allocate_kv_cache(
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype
+        )
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.backend,
+            self.model,
+            self.kv_caches,
+            config.block_size,
+            self.max_model_len,
+            config.max_num_seqs,
+            tokenizer=self.tokenizer,
+            use_graphs=config.use_graphs,
+            capture_sizes=config.capture_sizes,
+        )
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ admission
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Validates and queues a request; raises ValueError (nothing queued) on bad input."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params if params is not None else self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._check_prompt(token_ids)
+        remaining = self.max_model_len - len(token_ids)
+        if params.max_tokens is None or params.max_tokens > remaining:
+            params = params.model_copy(update={"max_tokens": max(remaining, 1), "min_tokens": min(params.min_tokens, max(remaining, 1))})
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            params=params,
+            priority=priority,
+            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.monotonic()),
+        )
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(_SEED_BITS)
+        for i in range(params.n):
+            # Sample i of a seeded request gets its own stream derived from the seed, so the n
+            # samples differ yet each is reproducible.
+            seed = base_seed if i == 0 else hash((base_seed, i)) & ((1 << _SEED_BITS) - 1)
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request=request,
+                index=i,
+                token_ids=list(token_ids),
+                num_prompt_tokens=len(token_ids),
+                seed=seed,
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
+            )
+            request.seqs.append(seq)
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        for sibling in request.seqs[1:]:
+            sibling.status = SequenceStatus.HELD  # forked from sequence 0 once the prompt is computed
+        self.prompt_tokens_total += len(token_ids)
+        return request
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
+        g = self.generation_defaults or {}
+        fields = {}
+        if g.get("do_sample") is False:
+            fields["temperature"] = 0.0
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if key in g and g[key] is not None and key not in fields:
+                fields[key] = g[key]
+        try:
+            return SamplingParams(**fields)
+        except ValueError:
+            return SamplingParams()
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._validate_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, list(self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, (list, tuple)):
+            return None, self._validate_ids(list(prompt))
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _validate_ids(self, ids: list) -> list[int]:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens, more than the maximum context length of "
+                f"{self.max_model_len} tokens"
+            )
+        if self.kv_cache.blocks_needed(len(token_ids) + 1) > self.kv_cache.num_blocks:
+            raise PromptTooLongError(
+                f"prompt of {len(token_ids)} tokens does not fit the KV cache of "
+                f"{self.kv_cache.num_blocks * self.block_size} tokens"
+            )
+
+    # ------------------------------------------------------------------ abort
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finishes a request with reason "abort" and frees its blocks; None if it is unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        return self._make_output(request)
+
+    def fail_request(self, request_id: str, error: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.error = error
+        return self.abort_request(request_id)
+
+    # ------------------------------------------------------------------ the step
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns an output for every request that advanced or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.monotonic()
+        for item in sched.scheduled:
+            m = item.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        try:
+            result = self.runner.execute(sched.scheduled)
+        except Exception as exc:
+            # The failure is charged to the requests of this step only; the engine keeps serving.
+            logger.exception("model step failed; failing its %d sequences", len(sched.scheduled))
+            failed = {item.seq.request.request_id for item in sched.scheduled}
+            message = f"{type(exc).__name__}: {exc}"
+            return [out for rid in failed if (out := self.fail_request(rid, message)) is not None]
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for item, sampled, prompt_lp in zip(sched.scheduled, result.sampled, result.prompt_logprobs):
+            seq = item.seq
+            request = seq.request
+            seq.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.commit_computed_blocks(seq)
+            if prompt_lp is not None:
+                request.add_prompt_logprobs(prompt_lp)
+            if sampled is not None:
+                self._append_token(seq, sampled, now)
+                touched[request.request_id] = request
+                if seq.index == 0 and len(request.seqs) > 1 and request.seqs[1].status is SequenceStatus.HELD:
+                    self._fork_siblings(seq)
+        outputs = [self._make_output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.is_finished:
+                self.requests.pop(r.request_id, None)
+        return outputs
+
+    def _fork_siblings(self, parent: Sequence) -> None:
+        """Gives the other samples of an n > 1 request the prompt's full blocks; each recomputes
+        only the last partial block (at least one token, whose logits it samples from)."""
+        shared = ((parent.num_prompt_tokens - 1) // self.block_size) * self.block_size
+        for child in parent.request.seqs[1:]:
+            self.kv_cache.share_prefix(parent, child, shared)
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.scheduler.add_running(child)
+
+    def _append_token(self, seq: Sequence, sampled: SampledToken, now: float) -> None:
+        token = sampled.token_id
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        m = seq.request.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        if seq.logprobs is not None and sampled.logprobs is not None:
+            seq.logprobs.append(sampled.logprobs)
+        params = seq.params
+        stop_str = seq.detokenizer.add_token(token)
+        seq.text = seq.detokenizer.text
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return self._finish(seq, "stop")
+            if token in params.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if stop_str is not None:
+                return self._finish(seq, "stop", stop_str)
+        if n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if seq.status is not SequenceStatus.HELD:
+            self.scheduler.remove(seq)
+        else:
+            assert not seq.block_table
+        seq.status = SequenceStatus.FINISHED
+        if seq.request.is_finished:
+            seq.request.metrics.finished_time = time.monotonic()
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=s.output_token_ids,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in request.seqs
+        ]
+        request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=request.is_finished,
+            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
+            metrics=request.metrics,
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            error=request.error,
+        )
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=self.kv_cache.num_used_blocks,
+            kv_blocks_total=self.kv_cache.num_blocks,
+            prefix_cache_hit_rate=self.kv_cache.stats.hit_rate,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model_config, "eos_token_ids", None), self.generation_defaults.get("eos_token_id")):
+            if source is None:
+                continue
+            ids.update(source if isinstance(source, (list, tuple, set)) else [source])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return {int(i) for i in ids}
+
+
+def _model_tensors(model):
+    """The model's parameters (to read its dtype), whether or not it is an nn.Module."""
+    if isinstance(model, torch.nn.Module):
+        return (p for p in model.parameters() if p.is_floating_point())
+    dtype = getattr(model, "dtype", None)
+    return iter([torch.empty(0, dtype=dtype)]) if dtype is not None else iter([])

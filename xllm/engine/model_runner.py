@@ -1,0 +1,275 @@
+"""`ModelRunner`: turns a scheduled step into flat tensors, runs the model, samples.
+
+The batch is flattened: every scheduled sequence contributes its new tokens to one [T] vector,
+and `AttentionMetadata` tells the attention op where each sequence's tokens and KV blocks are.
+Steps made only of single-token queries (decodes) go through the backend's `GraphRunner`, padded
+to a capture-size bucket; other steps run eagerly. Only the last token of a sequence that
+reaches the end of its known tokens is sampled (a chunk in the middle of a prompt samples nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xllm.engine.outputs import Logprob
+from xllm.engine.scheduler import ScheduledSequence
+from xllm.engine.sequence import Sequence
+from xllm.hal import AttentionMetadata, Backend, GraphInput, SamplingMetadata
+
+# Greedy rows use no randomness; 64-bit seeds are folded into torch's int64 range.
+_SEED_MASK = (1 << 63) - 1
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprobs: dict[int, Logprob] | None = None
+
+
+@dataclass(slots=True)
+class StepResult:
+    # One entry per scheduled sequence, aligned with the scheduler output: None when the step
+    # computed part of a prompt and sampled nothing.
+    sampled: list[SampledToken | None]
+    # Prompt logprobs computed this step, per scheduled sequence (None when not requested).
+    prompt_logprobs: list[list[dict[int, Logprob] | None] | None]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        backend: Backend,
+        model,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        tokenizer=None,
+        use_graphs: bool = True,
+        capture_sizes: list[int] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.vocab_size = model.config.vocab_size
+        self.tokenizer = tokenizer
+        self.device = backend.device()
+        self.scale = model.attention_scale
+        self.sliding_window = model.sliding_window
+        self._arange = torch.arange(max(max_num_seqs, 1) + 1, dtype=torch.int32, device=self.device)
+        self.graph_runner = None
+        if use_graphs:
+            self.graph_runner = backend.create_graph_runner(
+                self._decode_step,
+                {
+                    "input_ids": GraphInput(torch.int64),
+                    "positions": GraphInput(torch.int64),
+                    "slot_mapping": GraphInput(torch.int64, pad_value=-1),
+                    "seq_lens": GraphInput(torch.int32, pad_value=1),
+                    "block_tables": GraphInput(torch.int32, (self.max_blocks_per_seq,)),
+                },
+                capture_sizes=capture_sizes,
+                max_batch_size=max_num_seqs,
+            )
+            if backend.capabilities.graph_capture:
+                self.graph_runner.capture()
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _decode_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode token per row -> logits; the function a GraphRunner captures per bucket."""
+        num_seqs = input_ids.shape[0]
+        metadata = AttentionMetadata(
+            query_start_loc=self._arange[: num_seqs + 1],
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            max_query_len=1,
+            # A captured graph cannot see this step's lengths, so it is sized for the longest.
+            max_seq_len=self.max_model_len,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+        )
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, metadata)
+        return self.model.compute_logits(hidden)
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []  # flat token row whose logits each sampling sequence uses
+        sampling_seqs: list[Sequence] = []
+        prompt_lp_rows: list[tuple[int, list[int], list[int]]] = []  # (scheduled idx, rows, target ids)
+        for idx, item in enumerate(scheduled):
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            row0 = len(input_ids)
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(start + n)
+            if item.completes_context:
+                sample_rows.append(row0 + n - 1)
+                sampling_seqs.append(seq)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                # Row p's logits predict token p + 1; only prompt tokens are scored here.
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                rows = [row0 + p - start for p in range(start, last)]
+                targets = seq.token_ids[start + 1 : last + 1]
+                prompt_lp_rows.append((idx, rows, targets))
+
+        all_single = len(input_ids) == len(scheduled)
+        runner = self.graph_runner
+        logits_for_prompt = None
+        if all_single and runner is not None and runner.bucket_for(len(scheduled)) is not None and not prompt_lp_rows:
+            tables = torch.zeros((len(scheduled), self.max_blocks_per_seq), dtype=torch.int32)
+            for i, item in enumerate(scheduled):
+                t = item.seq.block_table
+                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            logits = runner.run(
+                input_ids=torch.tensor(input_ids, dtype=torch.int64).to(self.device),
+                positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
+                slot_mapping=torch.tensor(slots, dtype=torch.int64).to(self.device),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
+                block_tables=tables.to(self.device),
+            )
+            logits = logits[torch.tensor(sample_rows, device=self.device)] if len(sample_rows) != len(scheduled) else logits
+        else:
+            width = max(len(item.seq.block_table) for item in scheduled)
+            tables = torch.zeros((len(scheduled), width), dtype=torch.int32)
+            for i, item in enumerate(scheduled):
+                t = item.seq.block_table
+                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            metadata = AttentionMetadata(
+                query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(self.device),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
+                block_tables=tables.to(self.device),
+                slot_mapping=torch.tensor(slots, dtype=torch.int64).to(self.device),
+                max_query_len=max(item.num_new_tokens for item in scheduled),
+                max_seq_len=max(seq_lens),
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+            )
+            hidden = self.model.forward(
+                torch.tensor(input_ids, dtype=torch.int64).to(self.device),
+                torch.tensor(positions, dtype=torch.int64).to(self.device),
+                self.kv_caches,
+                metadata,
+            )
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]) if sample_rows else None
+            if prompt_lp_rows:
+                rows = [r for _, rs, _ in prompt_lp_rows for r in rs]
+                logits_for_prompt = (
+                    self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+                    if rows
+                    else None
+                )
+
+        sampled: list[SampledToken | None] = [None] * len(scheduled)
+        if sampling_seqs:
+            tokens = self._sample(logits, sampling_seqs)
+            it = iter(tokens)
+            for i, item in enumerate(scheduled):
+                if item.completes_context:
+                    sampled[i] = next(it)
+        prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(scheduled)
+        if prompt_lp_rows:
+            prompt_logprobs = self._prompt_logprobs(scheduled, prompt_lp_rows, logits_for_prompt, prompt_logprobs)
+        return StepResult(sampled, prompt_logprobs)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        params = [s.params for s in seqs]
+        any_penalty = any(p.uses_penalties for p in params)
+        max_lp = max((p.logprobs if p.logprobs is not None else -1) for p in params)
+        metadata = SamplingMetadata.from_lists(
+            temperature=[p.temperature for p in params],
+            top_k=[p.top_k for p in params],
+            top_p=[p.top_p for p in params],
+            min_p=[p.min_p for p in params],
+            seeds=[s.seed & _SEED_MASK for s in seqs],
+            steps=[s.num_output_tokens for s in seqs],
+            repetition_penalty=[p.repetition_penalty for p in params],
+            presence_penalty=[p.presence_penalty for p in params],
+            frequency_penalty=[p.frequency_penalty for p in params],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs] if any_penalty else None,
+            output_token_ids=[s.output_token_ids for s in seqs] if any_penalty else None,
+            vocab_size=self.vocab_size,
+            max_num_logprobs=max_lp,
+            device=self.device,
+        )
+        out = self.backend.sample(logits, metadata)
+        token_ids = out.sampled_token_ids.tolist()
+        if max_lp < 0:
+            return [SampledToken(t) for t in token_ids]
+        # Rank of the chosen token among the raw logits (1 = most likely), as OpenAI reports it.
+        chosen = out.sampled_token_ids.view(-1, 1)
+        ranks = ((logits.float() > logits.float().gather(1, chosen)).sum(dim=1) + 1).tolist()
+        sampled_lp = out.sampled_logprobs.tolist()
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else [[] for _ in seqs]
+        result = []
+        for i, (seq, tok) in enumerate(zip(seqs, token_ids)):
+            k = seq.params.logprobs
+            if k is None:
+                result.append(SampledToken(tok))
+                continue
+            entry = {tok: Logprob(sampled_lp[i], ranks[i], self._decode(tok))}
+            for rank, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k]), start=1):
+                entry.setdefault(tid, Logprob(lp, rank, self._decode(tid)))
+            result.append(SampledToken(tok, entry))
+        return result
+
+    def _prompt_logprobs(self, scheduled, prompt_lp_rows, logits, out):
+        if logits is None:
+            for idx, _, _ in prompt_lp_rows:
+                out[idx] = self._first_prompt_entry(scheduled[idx])
+            return out
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        offset = 0
+        for idx, rows, targets in prompt_lp_rows:
+            seq = scheduled[idx].seq
+            k = seq.params.prompt_logprobs
+            block = logprobs[offset : offset + len(rows)]
+            offset += len(rows)
+            entries = self._first_prompt_entry(scheduled[idx])
+            if rows:
+                tgt = torch.tensor(targets, dtype=torch.int64, device=block.device).view(-1, 1)
+                chosen = block.gather(1, tgt).view(-1)
+                ranks = ((block > chosen.view(-1, 1)).sum(dim=1) + 1).tolist()
+                top_lp, top_ids = block.topk(k, dim=-1) if k > 0 else (None, None)
+                chosen_l = chosen.tolist()
+                for j, t in enumerate(targets):
+                    entry = {t: Logprob(chosen_l[j], ranks[j], self._decode(t))}
+                    if k > 0:
+                        for r, (tid, lp) in enumerate(zip(top_ids[j].tolist(), top_lp[j].tolist()), start=1):
+                            entry.setdefault(tid, Logprob(lp, r, self._decode(tid)))
+                    entries.append(entry)
+            out[idx] = entries
+        return out
+
+    @staticmethod
+    def _first_prompt_entry(item: ScheduledSequence) -> list[dict[int, Logprob] | None]:
+        # The first prompt token has no context to be predicted from: OpenAI reports None.
+        return [None] if item.seq.num_computed_tokens == 0 else []
+
+    def _decode(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
