@@ -1,0 +1,227 @@
+"""The one place that says which torch_npu operator implements each HAL op, and how its arguments
+are translated.
+
+`OP_TABLE` is the readable summary (also printed in docs/PORTING.md and checked by a test to cover
+every HAL op); the functions below it are the calls themselves. Each takes the imported
+``torch_npu`` module as ``npu`` so this module imports nothing heavy and the backend decides when
+torch_npu is loaded. Operator names and keyword conventions follow the torch_npu API reference
+(Ascend Extension for PyTorch) and how vllm-ascend calls them; anything not verified on hardware
+is listed in `OpMapping.unverified`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xllm.backends.ascend import torch_ops
+from xllm.backends.ascend.translation import (
+    FIA_COMPRESSED_MASK_SIZE,
+    CacheWritePlan,
+    FiaArgs,
+)
+from xllm.hal.metadata import AttentionMetadata
+
+FUSED_DTYPES = (torch.float16, torch.bfloat16)  # FIA and the ATB cache write take these only
+
+
+@dataclass(frozen=True, slots=True)
+class OpMapping:
+    hal_op: str
+    operator: str  # the torch_npu operator(s), or "torch" for plain torch ops on the NPU
+    translation: str  # how HAL arguments become operator arguments
+    fallback: str = ""  # when the fused operator is not used, and what runs instead
+    unverified: tuple[str, ...] = field(default_factory=tuple)
+
+
+OP_TABLE: dict[str, OpMapping] = {
+    m.hal_op: m
+    for m in (
+        OpMapping(
+            "rms_norm",
+            "torch_npu.npu_rms_norm / torch_npu.npu_add_rms_norm",
+            "npu_rms_norm(x, weight, epsilon=eps) -> (y, rstd): return y. With residual: "
+            "npu_add_rms_norm(x, residual, weight, epsilon=eps) -> (y, rstd, x + residual): "
+            "return (y, x + residual), the HAL's (normed, h).",
+            "torch float32 formula when weight.dtype != x.dtype (the operator wants one dtype).",
+        ),
+        OpMapping(
+            "rotary_embedding",
+            "torch_npu.npu_rotary_mul",
+            "cos/sin per token from cos_sin_cache[positions] (translation: torch_ops.rotary_cos_sin), "
+            "widened to rot_dim; q/k[..., :rot_dim] in float32 as [1, T, H, rot_dim] (BSND); "
+            "rotary_mode='half' for neox_style, 'interleave' for GPT-J; result cast back and copied "
+            "into q/k in place.",
+            "",
+            ("rotary_mode='interleave' exists only in newer torch_npu releases",),
+        ),
+        OpMapping(
+            "silu_and_mul", "torch_npu.npu_swiglu", "npu_swiglu(x, dim=-1): silu(x[..., :d]) * x[..., d:]."
+        ),
+        OpMapping(
+            "gelu_and_mul",
+            "torch",
+            "F.gelu(gate.float(), approximate=approximate) * up.float(), cast to x.dtype "
+            "(torch_npu has no fused GeGLU with the HAL's split convention).",
+        ),
+        OpMapping(
+            "reshape_and_cache",
+            "torch_npu._npu_reshape_and_cache",
+            "_npu_reshape_and_cache(key=k, value=v, key_cache=kc, value_cache=vc, slot_indices=int32 slots); "
+            "rows with slot < 0 are dropped first (translation: cache_write_plan), since the ATB operator "
+            "documents no skip.",
+            "fp32 caches (ATB takes fp16/bf16/int8): index_copy_ into the flattened cache.",
+            ("whether ATB ReshapeAndCache itself skips slot -1",),
+        ),
+        OpMapping(
+            "attention",
+            "torch_npu.npu_fused_infer_attention_score",
+            "one TND call for the whole mixed batch: query [T, Hq, D]; key/value = caches viewed "
+            "[num_blocks, block_size, Hkv*D]; block_table int32; actual_seq_lengths = query_start_loc[1:] "
+            "(cumulative); actual_seq_lengths_kv = seq_lens (per sequence); num_heads, num_key_value_heads, "
+            "scale, block_size; causal: sparse_mode=3 + 2048x2048 int8 upper-triangular atten_mask; "
+            "window W: sparse_mode=4, pre_tokens=W-1, next_tokens=0 (translation: fia_args). "
+            "split_mixed_batches=True issues one call per run of decodes / prefill chunks (split_by_kind).",
+            "float32 and ACL graph capture: torch_ops.paged_attention (FIA takes fp16/bf16 only, and its "
+            "host-side length lists would be frozen into a captured graph).",
+            (
+                "pre_tokens = W - 1 for a W-token window (vllm-ascend passes W); check with the conformance "
+                "sliding-window case",
+                "keyword 'scale' (older releases call it 'scale_value')",
+            ),
+        ),
+        OpMapping(
+            "processed_logits",
+            "torch",
+            "torch ops on the NPU: penalties -> temperature -> top-k -> top-p -> min-p (torch_ops).",
+        ),
+        OpMapping(
+            "sample",
+            "torch",
+            "argmax for greedy rows; exponential race argmax(softmax / Exp(1)) with one NPU "
+            "torch.Generator per random row seeded row_seed(seed, step); logprobs from raw log_softmax.",
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------- calls
+
+
+def rms_norm(
+    npu: ModuleType, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if weight.dtype != x.dtype:
+        hidden = x + residual if residual is not None else x
+        h32 = hidden.to(torch.float32)
+        normed = h32 * torch.rsqrt(h32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        out = (weight * normed.to(x.dtype)).to(x.dtype)
+        return (out, hidden) if residual is not None else out
+    if residual is None:
+        y, _rstd = npu.npu_rms_norm(x, weight, epsilon=eps)
+        return y
+    # npu_add_rms_norm returns (y, rstd, x_sum) with x_sum = x1 + x2 in the input dtype: exactly
+    # the HAL's h, so one fused call gives both outputs.
+    y, _rstd, hidden = npu.npu_add_rms_norm(x, residual, weight, eps)
+    return y, hidden
+
+
+def rotary_embedding(
+    npu: ModuleType,
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    neox_style: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rot_dim = cos_sin_cache.shape[1]
+    cos, sin = torch_ops.rotary_cos_sin(cos_sin_cache, positions, neox_style)  # [T, 1, rot]
+    cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, T, 1, rot]: BSND with B=1
+    mode = "half" if neox_style else "interleave"
+    for x in (q, k):
+        part = x[..., :rot_dim].to(torch.float32).unsqueeze(0)  # float32 product, as the HAL asks
+        rotated = npu.npu_rotary_mul(part, cos, sin, rotary_mode=mode)
+        x[..., :rot_dim].copy_(rotated.squeeze(0))
+    return q, k
+
+
+def silu_and_mul(npu: ModuleType, x: torch.Tensor) -> torch.Tensor:
+    return npu.npu_swiglu(x, dim=-1)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    gate, up = x.to(torch.float32).chunk(2, dim=-1)
+    return (F.gelu(gate, approximate=approximate) * up).to(x.dtype)
+
+
+def reshape_and_cache(
+    npu: ModuleType,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> None:
+    """Writes the rows `rows` (None: all) of k/v into int32 `slots` (one per written row)."""
+    if rows is not None:
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
+    if k_cache.dtype in FUSED_DTYPES:
+        npu._npu_reshape_and_cache(
+            key=k.contiguous(),
+            value=v.contiguous(),
+            key_cache=k_cache,
+            value_cache=v_cache,
+            slot_indices=slots,
+        )
+        return
+    idx = slots.to(torch.int64)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, idx, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, idx, v)
+
+
+def plan_to_tensors(plan: CacheWritePlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int32 slot tensor and (when some rows are skipped) the int64 row indices, on `device`."""
+    slots = torch.tensor(plan.slots, dtype=torch.int32).to(device, non_blocking=True)
+    rows = (
+        None
+        if plan.all_valid
+        else torch.tensor(plan.valid_rows, dtype=torch.int64).to(device, non_blocking=True)
+    )
+    return slots, rows
+
+
+def causal_mask(device: torch.device) -> torch.Tensor:
+    """The compressed mask sparse modes 3/4 take: int8 [2048, 2048], 1 above the diagonal."""
+    size = FIA_COMPRESSED_MASK_SIZE
+    return torch.triu(torch.ones(size, size, dtype=torch.int8), diagonal=1).to(device)
+
+
+def fused_attention(
+    npu: ModuleType,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,
+    args: FiaArgs,
+) -> torch.Tensor:
+    """One FIA call over a TND batch; returns [T, Hq, D]."""
+    num_blocks, block_size = k_cache.shape[:2]
+    key = k_cache.view(num_blocks, block_size, -1)  # paged key in BBH: [blocks, block_size, Hkv*D]
+    value = v_cache.view(num_blocks, block_size, -1)
+    kwargs: dict[str, Any] = args.as_kwargs()
+    out, _lse = npu.npu_fused_infer_attention_score(
+        q.contiguous(), key, value, atten_mask=mask, block_table=block_tables, **kwargs
+    )
+    return out.view(q.shape)
+
+
+def torch_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata
+) -> torch.Tensor:
+    return torch_ops.paged_attention(q, k_cache, v_cache, md)

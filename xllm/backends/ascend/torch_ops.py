@@ -1,0 +1,209 @@
+"""Plain torch implementations the Ascend backend runs on the NPU where no fused operator fits.
+
+They are written with device-agnostic torch ops only (no host syncs inside the attention path),
+so the same code runs on the NPU and is unit-tested on the CPU here:
+
+- `paged_attention`: float32 / graph-capture path of attention. FIA takes fp16/bf16 only, and its
+  actual-length lists are host values baked into an ACL graph at capture; this path reads
+  ``seq_lens`` / ``query_start_loc`` as device tensors, so a captured graph stays correct.
+- `rotary_cos_sin`: the per-token cos/sin tensors `npu_rotary_mul` multiplies by.
+- `processed_logits` / `sample`: logits processing and seeded sampling with torch ops on the
+  device (torch_npu has no fused op with the HAL's penalty/top-k/top-p/min-p semantics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xllm.backends.ascend.translation import SamplingPlan
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
+
+# ---------------------------------------------------------------------------- rotary
+
+
+def rotary_cos_sin(
+    cos_sin_cache: torch.Tensor, positions: torch.Tensor, neox_style: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token float32 cos and sin, [T, 1, rot_dim], laid out for `npu_rotary_mul`.
+
+    The cache holds cos in its first rot_dim/2 columns and sin in the rest. `npu_rotary_mul`
+    computes ``x * cos + rotate(x) * sin`` over the full rotated width, so each half-width value
+    is repeated: concatenated twice for rotary_mode "half" (NeoX pairs i, i + rot/2) and
+    repeated element-wise for "interleave" (GPT-J pairs 2i, 2i+1).
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions.to(torch.int64)).to(torch.float32)
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    if neox_style:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    else:
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def rotary_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox_style: bool) -> torch.Tensor:
+    """What `npu_rotary_mul(x, cos, sin, rotary_mode)` computes, in torch (for tests/fallback)."""
+    if neox_style:
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    md: AttentionMetadata,
+) -> torch.Tensor:
+    """Causal paged attention of a mixed batch, reading every key/value from the cache.
+
+    Queries are scattered into a padded [B, max_query_len] grid, scored against each sequence's
+    gathered blocks [B, max_blocks * block_size], masked (causal, context length, window) and
+    gathered back to the flat token order. Shapes depend only on host bounds and table sizes.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    device = q.device
+    qsl = md.query_start_loc.to(device=device, dtype=torch.int64)
+    seq_lens = md.seq_lens.to(device=device, dtype=torch.int64)
+    tables = md.block_tables.to(device=device, dtype=torch.int64)
+    num_seqs, max_blocks = tables.shape
+    max_q = max(int(md.max_query_len), 1)
+    kv_len = max_blocks * block_size
+
+    # Token t -> (sequence s, row j inside its chunk).
+    tok = torch.arange(num_tokens, device=device)
+    seq_of = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=num_seqs - 1)
+    row_of = tok - qsl[seq_of]
+
+    q_pad = torch.zeros(num_seqs, max_q, num_heads, head_dim, dtype=torch.float32, device=device)
+    q_pad[seq_of, row_of] = q.to(torch.float32)
+    # [B, L, Hkv, D]: a sequence's keys in token order through its block table.
+    keys = k_cache[tables].reshape(num_seqs, kv_len, num_kv_heads, head_dim).to(torch.float32)
+    values = v_cache[tables].reshape(num_seqs, kv_len, num_kv_heads, head_dim).to(torch.float32)
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=2)  # query head h reads KV head h // group
+    values = values.repeat_interleave(group, dim=2)
+
+    scores = torch.einsum("bqhd,bkhd->bhqk", q_pad, keys) * md.scale
+    query_len = (qsl[1:] - qsl[:-1]).unsqueeze(1)  # [B, 1]
+    pos = seq_lens.unsqueeze(1) - query_len + torch.arange(max_q, device=device).unsqueeze(0)  # [B, Q]
+    key_pos = torch.arange(kv_len, device=device).view(1, 1, kv_len)
+    visible = key_pos <= pos.unsqueeze(2)  # causal; also keeps keys < seq_len since pos < seq_len
+    if md.sliding_window is not None:
+        visible &= key_pos > pos.unsqueeze(2) - md.sliding_window
+    # Padded query rows (j >= query_len) would see nothing; let them see key 0 to avoid NaN.
+    visible |= (key_pos == 0) & (
+        torch.arange(max_q, device=device).view(1, max_q, 1) >= query_len.unsqueeze(2)
+    )
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, values)
+    return out[seq_of, row_of].to(q.dtype)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] occurrence counts; the padding id vocab_size lands in a spare column, dropped."""
+    ids = token_ids.to(torch.int64).clamp(0, vocab_size)
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def _apply_penalties(logits: torch.Tensor, sm: SamplingMetadata) -> None:
+    rows, vocab_size = logits.shape
+    empty = torch.full((rows, 1), vocab_size, dtype=torch.int64, device=logits.device)
+    out_ids = sm.output_token_ids if sm.output_token_ids is not None else empty
+    prompt_ids = sm.prompt_token_ids if sm.prompt_token_ids is not None else empty
+    output_counts = _token_counts(out_ids.to(logits.device), vocab_size)
+    prompt_counts = _token_counts(prompt_ids.to(logits.device), vocab_size)
+    # Repetition (CTRL / HF): seen tokens' positive logits are divided, negative ones multiplied.
+    seen = (output_counts > 0) | (prompt_counts > 0)
+    rep = sm.repetition_penalty.to(logits.device, torch.float32).unsqueeze(1)
+    logits.copy_(torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits))
+    # Presence / frequency (OpenAI, vLLM): output tokens only.
+    freq = sm.frequency_penalty.to(logits.device, torch.float32).unsqueeze(1)
+    pres = sm.presence_penalty.to(logits.device, torch.float32).unsqueeze(1)
+    logits -= freq * output_counts + pres * (output_counts > 0)
+
+
+def processed_logits(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> torch.Tensor:
+    """penalties -> temperature -> top-k -> top-p -> min-p, float32, removed tokens -inf."""
+    out = logits.to(torch.float32, copy=True)
+    device = out.device
+    vocab_size = out.shape[1]
+    if plan.apply_penalties:
+        _apply_penalties(out, sm)
+    if not plan.apply_temperature:
+        return out
+    temperature = sm.temperature.to(device, torch.float32)
+    greedy = temperature <= 0
+    # Greedy rows keep their penalised logits: divide by 1 and switch their filters off.
+    out /= torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+    if plan.apply_top_k or plan.apply_top_p:
+        sorted_logits, order = out.sort(dim=-1, descending=False)
+        if plan.apply_top_k:
+            top_k = sm.top_k.to(device, torch.int64)
+            k = torch.where((top_k > 0) & ~greedy, top_k.clamp(max=vocab_size), vocab_size)
+            kth = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))
+            sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))  # ties with the k-th stay (HF)
+        if plan.apply_top_p:
+            top_p = torch.where(greedy, torch.ones_like(temperature), sm.top_p.to(device, torch.float32))
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = (cum <= (1.0 - top_p).unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+            drop[:, -1] = False  # the most likely token always survives
+            sorted_logits.masked_fill_(drop, float("-inf"))
+        out = torch.empty_like(out).scatter_(1, order, sorted_logits)
+    if plan.apply_min_p:
+        min_p = torch.where(
+            greedy, torch.zeros_like(temperature), sm.min_p.to(device, torch.float32)
+        ).unsqueeze(1)
+        probs = out.softmax(dim=-1)
+        out.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return out
+
+
+def exponential_noise(plan: SamplingPlan, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(random_rows), V] Exp(1) draws, row r from a generator seeded with plan.row_seeds[r]."""
+    noise = torch.empty(len(plan.random_rows), vocab_size, dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device)
+    for r, seed in enumerate(plan.row_seeds):
+        gen.manual_seed(seed)
+        noise[r].exponential_(generator=gen)
+    return noise
+
+
+def sample(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> SampleOutput:
+    vocab_size = logits.shape[1]
+    if not plan.apply_penalties and not plan.random_rows and not plan.apply_temperature:
+        tokens = logits.argmax(dim=-1)
+    else:
+        processed = processed_logits(logits, sm, plan)
+        tokens = processed.argmax(dim=-1)
+        if plan.random_rows:
+            rows = torch.tensor(plan.random_rows, dtype=torch.int64, device=logits.device)
+            noise = exponential_noise(plan, vocab_size, logits.device)
+            probs = processed.index_select(0, rows).softmax(dim=-1)
+            # Exponential race: argmax(p / E), E ~ Exp(1), draws from p; the clamp keeps a zero
+            # draw from making 0/0.
+            tokens[rows] = (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
+    tokens = tokens.to(torch.int64)
+    if plan.num_logprobs < 0:
+        return SampleOutput(sampled_token_ids=tokens)
+    logprobs = logits.to(torch.float32).log_softmax(dim=-1)  # raw logits, as OpenAI/vLLM report
+    sampled = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top_values, top_ids = logprobs.topk(plan.num_logprobs, dim=-1, largest=True, sorted=True)
+    return SampleOutput(
+        sampled_token_ids=tokens,
+        sampled_logprobs=sampled,
+        top_logprobs=top_values,
+        top_token_ids=top_ids.to(torch.int64),
+    )
