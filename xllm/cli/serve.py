@@ -1,0 +1,58 @@
+"""`xllm serve`: the OpenAI-compatible HTTP server, engine loop in the same process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from xllm.cli.engine_args import add_engine_arguments, engine_kwargs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible server")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="answer 429 while more than N requests wait in the engine (default: no limit)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests before aborting them",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xllm.cli.main import CLIError
+
+    if args.max_queue is not None and args.max_queue < 0:
+        raise CLIError("--max-queue must be >= 0")
+    if args.shutdown_timeout < 0:
+        raise CLIError("--shutdown-timeout must be >= 0")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from xllm.service.app import ServerConfig
+    from xllm.service.server import serve
+
+    kwargs = engine_kwargs(args)
+    model = kwargs.pop("model")
+    config = ServerConfig(
+        model=None if model is None else str(model),
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        shutdown_timeout_s=args.shutdown_timeout,
+        engine_kwargs=kwargs,
+    )
+    return serve(config, host=args.host, port=args.port, log_level=args.log_level)

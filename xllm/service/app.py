@@ -1,0 +1,309 @@
+"""The FastAPI app of `xllm serve`: routes, the loading/draining state machine, auth and access log.
+
+`create_app(config)` returns an app whose lifespan loads the engine in a background thread, so
+/health answers 503 "loading" at once and 200 when the model is ready. A pure-ASGI middleware
+wraps every request: it assigns the request id, refuses /v1/* with 401 (bad key) or 503
+(loading or draining), counts in-flight requests for a graceful drain, turns anything
+unexpected into a generic 500, and writes one access line per request to the `xllm.access`
+logger. The OpenAI logic itself lives in `serving.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from xllm import __version__
+from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
+from xllm.service.metrics import ServiceMetrics
+from xllm.service.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    dump,
+)
+from xllm.service.serving import RequestContext, Serving, new_request_id
+
+logger = logging.getLogger("xllm.service")
+access_logger = logging.getLogger("xllm.access")
+
+# OpenAI's id prefixes, so ids look familiar in client logs.
+REQUEST_ID_PREFIXES = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)
+}
+
+
+@dataclass
+class ServerConfig:
+    """What `xllm serve` was asked for; `engine_kwargs` go to `AsyncLLM(...)` unchanged."""
+
+    model: str | None = None
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_queue: int | None = None
+    shutdown_timeout_s: float = 30.0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+class ServerState:
+    """The app's mutable state; only the event loop thread writes it (the loader posts back)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.phase = Phase.LOADING
+        self.engine: Any = None
+        self.serving: Serving | None = None
+        self.load_error: BaseException | None = None
+        self.in_flight = 0  # /v1 requests being served, for the drain
+        self.active_ids: set[str] = set()  # engine request ids in flight, aborted at the drain deadline
+        self.model_name = config.served_model_name or (
+            Path(config.model).name if config.model else "xllm-default"
+        )
+        self.metrics = ServiceMetrics(lambda: self.engine, lambda: self.model_name)
+        self.on_load_failed: Callable[[BaseException], None] | None = None
+
+    def ready(self, engine: Any) -> None:
+        self.engine = engine
+        if not self.config.served_model_name:
+            self.model_name = str(getattr(engine, "model_name", None) or self.model_name)
+        self.serving = Serving(engine, self.model_name, self.metrics, self.active_ids, self.config.max_queue)
+        if self.phase is Phase.LOADING:
+            self.phase = Phase.READY
+
+    def unavailable(self) -> OpenAIError | None:
+        """The 503 to answer with instead of serving, or None when requests are welcome."""
+        if self.phase is Phase.READY:
+            return None
+        messages = {
+            Phase.LOADING: ("The model is loading; retry shortly.", "model_loading"),
+            Phase.FAILED: ("The model failed to load; see the server log.", "model_load_failed"),
+            Phase.DRAINING: ("The server is shutting down and accepts no new requests.", "draining"),
+        }
+        message, code = messages[self.phase]
+        return OpenAIError(503, message, code=code, headers={"Retry-After": "5"})
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking requests, let in-flight ones finish for up to `timeout_s`, then abort the rest."""
+        if self.phase is not Phase.FAILED:
+            self.phase = Phase.DRAINING
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight and self.engine is not None:
+            logger.warning("drain timeout: aborting %d in-flight engine requests", len(self.active_ids))
+            for rid in list(self.active_ids):
+                try:
+                    await self.engine.abort(rid)
+                except Exception:
+                    logger.debug("abort of %s failed", rid, exc_info=True)
+            # Give the aborted streams a moment to send their last event.
+            grace = time.monotonic() + 2.0
+            while self.in_flight and time.monotonic() < grace:
+                await asyncio.sleep(0.05)
+
+
+def default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
+    def build() -> Any:
+        from xllm import AsyncLLM
+
+        return AsyncLLM(model=config.model, **config.engine_kwargs)
+
+    return build
+
+
+class ServiceMiddleware:
+    """Request id, auth, readiness, in-flight count, last-resort 500 and the access log."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    def _authorized(self, scope: Scope) -> bool:
+        key = self.state.config.api_key
+        if not key:
+            return True
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        # Constant-time compare so the key cannot be guessed byte by byte from timings.
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        start = time.monotonic()
+        rid = new_request_id(REQUEST_ID_PREFIXES.get(path, "req"))
+        ctx = RequestContext(request_id=rid, arrival_s=start)
+        scope.setdefault("state", {})["ctx"] = ctx
+        status = {"code": 0, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        protected = path.startswith("/v1/")
+        if protected:
+            self.state.in_flight += 1
+        try:
+            refusal: OpenAIError | None = None
+            if protected and not self._authorized(scope):
+                refusal = OpenAIError(
+                    401,
+                    "Missing or invalid API key; send it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            elif protected:
+                refusal = self.state.unavailable()
+            if refusal is not None:
+                await refusal.response()(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        except Exception:
+            logger.exception("request %s %s failed", rid, path)
+            if not status["started"]:
+                await internal_error().response()(scope, receive, send_wrapper)
+        finally:
+            if protected:
+                self.state.in_flight -= 1
+            self.state.metrics.http_requests.labels(str(status["code"])).inc()
+            access_logger.info(
+                '%s "%s %s" %d prompt_tokens=%d completion_tokens=%d latency_ms=%.1f',
+                rid,
+                scope.get("method", "-"),
+                path,
+                status["code"],
+                ctx.prompt_tokens,
+                ctx.completion_tokens,
+                (time.monotonic() - start) * 1000.0,
+            )
+
+
+def create_app(
+    config: ServerConfig,
+    engine_factory: Callable[[], Any] | None = None,
+    state: ServerState | None = None,
+) -> FastAPI:
+    """Build the app; `engine_factory` (run in a thread) defaults to `AsyncLLM(model=..., **engine_kwargs)`."""
+    state = state or ServerState(config)
+    factory = engine_factory or default_engine_factory(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def on_loaded(engine: Any) -> None:
+            state.ready(engine)
+            logger.info("model %s ready", state.model_name)
+
+        def on_failed(exc: BaseException) -> None:
+            state.load_error = exc
+            state.phase = Phase.FAILED
+            logger.error("model failed to load: %s", exc, exc_info=exc)
+            if state.on_load_failed is not None:
+                state.on_load_failed(exc)
+
+        def load() -> None:
+            try:
+                engine = factory()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(on_failed, exc)
+            else:
+                loop.call_soon_threadsafe(on_loaded, engine)
+
+        # A daemon thread, not the default executor: a SIGTERM during loading must not wait for it.
+        threading.Thread(target=load, name="xllm-model-loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            if state.engine is not None:
+                try:
+                    await state.engine.shutdown()
+                except Exception:
+                    logger.exception("engine shutdown failed")
+
+    app = FastAPI(title="xllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app.state.xllm = state
+    install_error_handlers(app)
+    app.add_middleware(ServiceMiddleware, state=state)
+
+    def serving() -> Serving:
+        # The middleware already refused /v1/* unless ready; this only guards direct calls.
+        if state.serving is None or state.phase is not Phase.READY:
+            raise state.unavailable() or OpenAIError(503, "The server is not ready.")
+        return state.serving
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> JSONResponse:
+        refusal = state.unavailable()
+        if refusal is not None:
+            return refusal.response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models() -> ModelList:
+        s = serving()
+        return ModelList(
+            data=[ModelCard(id=s.served_model_name, root=config.model, max_model_len=s.max_model_len)]
+        )
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        ctx: RequestContext = request.state.ctx
+        result = await serving().completions(body, ctx)
+        if isinstance(result, CompletionResponse):
+            return JSONResponse(dump(result))
+        return StreamingResponse(
+            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        ctx: RequestContext = request.state.ctx
+        result = await serving().chat(body, ctx)
+        if isinstance(result, ChatCompletionResponse):
+            return JSONResponse(dump(result))
+        return StreamingResponse(
+            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    return app

@@ -1,0 +1,80 @@
+"""Run the app under uvicorn, with a graceful drain on SIGTERM.
+
+uvicorn's own SIGTERM handling closes the listening socket at once, so new clients would see
+"connection refused" rather than a 503, and it re-raises the signal after shutdown, so the
+process would die by SIGTERM instead of exiting 0. `DrainingServer` replaces that: the first
+SIGTERM flips the app to draining (new /v1 requests get 503, /health says "draining"), waits
+for in-flight requests up to the shutdown timeout, aborts what is left, and only then asks
+uvicorn to stop; `serve()` then returns 0. SIGINT keeps uvicorn's behaviour (Ctrl+C stops now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from xllm.service.app import ServerConfig, ServerState, create_app
+
+logger = logging.getLogger("xllm.service")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._drain_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        if self._drain_task is not None:
+            # A second SIGTERM while draining: stop now (in-flight requests get cut).
+            self.should_exit = True
+            return
+        # Runs in the signal handler, on the loop's thread between bytecodes: only schedule.
+        self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        logger.info(
+            "SIGTERM: draining %d in-flight requests (timeout %.0fs)",
+            self.state.in_flight,
+            self.shutdown_timeout_s,
+        )
+        await self.state.drain(self.shutdown_timeout_s)
+        logger.info("drained; shutting down")
+        self.should_exit = True
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Serve until SIGTERM (drained, returns 0) or SIGINT; returns 1 if the model failed to load."""
+    state = ServerState(config)
+    app = create_app(config, state=state)
+    uv_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        # uvicorn's own grace period only covers connections still open after our drain.
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    server = DrainingServer(uv_config, state, config.shutdown_timeout_s)
+
+    def on_load_failed(_: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_load_failed = on_load_failed
+    server.run()
+    return 1 if state.load_error is not None else 0
