@@ -75,7 +75,7 @@ class AscendBackend(Backend):
         kv_cache_layout="NHD",
         notes=(
             "attention: npu_fused_infer_attention_score (fp16/bf16); float32 and graph capture use a torch path",
-            "sampling: torch ops on the NPU with per-row seeded NPU generators",
+            "sampling: torch ops on the NPU; one host-drawn uniform per row (same draws as the CPU reference)",
         ),
     )
 

@@ -102,8 +102,9 @@ OP_TABLE: dict[str, OpMapping] = {
         OpMapping(
             "sample",
             "torch",
-            "argmax for greedy rows; exponential race argmax(softmax / Exp(1)) with one NPU "
-            "torch.Generator per random row seeded row_seed(seed, step); logprobs from raw log_softmax.",
+            "argmax for greedy rows; random rows: one U[0,1) per row drawn on the host from a generator "
+            "seeded row_seed(seed, step) (translation: sampling_plan), then an inverse-CDF lookup "
+            "(cumsum + searchsorted) on the NPU; logprobs from raw log_softmax.",
         ),
     )
 }

@@ -7,7 +7,7 @@ so the same code runs on the NPU and is unit-tested on the CPU here:
   actual-length lists are host values baked into an ACL graph at capture; this path reads
   ``seq_lens`` / ``query_start_loc`` as device tensors, so a captured graph stays correct.
 - `rotary_cos_sin`: the per-token cos/sin tensors `npu_rotary_mul` multiplies by.
-- `processed_logits` / `sample`: logits processing and seeded sampling with torch ops on the
+- `processed_logits` / `sample`: logits processing and inverse-CDF sampling with torch ops on the
   device (torch_npu has no fused op with the HAL's penalty/top-k/top-p/min-p semantics).
 """
 
@@ -80,6 +80,12 @@ def paged_attention(
     tok = torch.arange(num_tokens, device=device)
     seq_of = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=num_seqs - 1)
     row_of = tok - qsl[seq_of]
+
+    # Table entries past a sequence's last block may be padding (anything, even -1); point them
+    # at block 0 so the gather stays in range. Their keys are masked out below.
+    blocks_used = (seq_lens + block_size - 1) // block_size
+    in_use = torch.arange(max_blocks, device=device).unsqueeze(0) < blocks_used.unsqueeze(1)
+    tables = torch.where(in_use, tables, torch.zeros_like(tables))
 
     q_pad = torch.zeros(num_seqs, max_q, num_heads, head_dim, dtype=torch.float32, device=device)
     q_pad[seq_of, row_of] = q.to(torch.float32)
@@ -171,30 +177,29 @@ def processed_logits(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingP
     return out
 
 
-def exponential_noise(plan: SamplingPlan, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(random_rows), V] Exp(1) draws, row r from a generator seeded with plan.row_seeds[r]."""
-    noise = torch.empty(len(plan.random_rows), vocab_size, dtype=torch.float32, device=device)
-    gen = torch.Generator(device=device)
-    for r, seed in enumerate(plan.row_seeds):
-        gen.manual_seed(seed)
-        noise[r].exponential_(generator=gen)
-    return noise
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token j of each row with ``cdf[j-1] <= u * total < cdf[j]``: an exact draw from probs.
+
+    A zero-probability token repeats the previous cdf value, so it is never the first entry above
+    the target. float64 accumulation, as the CPU reference does, so both pick the same token.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return tokens.clamp_(max=probs.shape[1] - 1)
 
 
 def sample(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> SampleOutput:
-    vocab_size = logits.shape[1]
     if not plan.apply_penalties and not plan.random_rows and not plan.apply_temperature:
         tokens = logits.argmax(dim=-1)
     else:
         processed = processed_logits(logits, sm, plan)
         tokens = processed.argmax(dim=-1)
         if plan.random_rows:
-            rows = torch.tensor(plan.random_rows, dtype=torch.int64, device=logits.device)
-            noise = exponential_noise(plan, vocab_size, logits.device)
+            rows = torch.tensor(plan.random_rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+            uniforms = torch.tensor(plan.uniforms, dtype=torch.float64).to(logits.device, non_blocking=True)
             probs = processed.index_select(0, rows).softmax(dim=-1)
-            # Exponential race: argmax(p / E), E ~ Exp(1), draws from p; the clamp keeps a zero
-            # draw from making 0/0.
-            tokens[rows] = (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
+            tokens[rows] = inverse_cdf(probs, uniforms)
     tokens = tokens.to(torch.int64)
     if plan.num_logprobs < 0:
         return SampleOutput(sampled_token_ids=tokens)

@@ -235,10 +235,22 @@ def row_seed(seed: int, step: int) -> int:
     """64-bit generator seed of one row from (request seed, tokens sampled so far).
 
     The same mixing as the CPU reference (SplitMix64 of the seed, xor the step, SplitMix64 again),
-    so a request's generator is seeded identically on every backend. The draws still come from
-    the NPU's own Philox stream, so sampled tokens match across NPU runs, not NPU against CPU.
+    so a request's generator is seeded identically on every backend.
     """
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
+def row_uniform(seed64: int) -> float:
+    """The row's one U[0, 1) draw, from a host torch.Generator seeded with `row_seed`.
+
+    Drawn on the host, exactly as the CPU reference draws it, and fed to an inverse-CDF lookup on
+    the NPU: one float per row crosses to the device, the NPU's own RNG is never used, and a
+    seeded request samples the same token on the NPU as on the CPU reference whenever the two
+    backends' probabilities agree to the draw's resolution.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed64)
+    return float(torch.rand((), dtype=torch.float64, generator=gen))
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +264,7 @@ class SamplingPlan:
     apply_min_p: bool
     random_rows: list[int]  # rows drawn with a seeded generator (temperature > 0)
     row_seeds: list[int]  # one generator seed per random row, from row_seed(seed, step)
+    uniforms: list[float]  # one U[0, 1) draw per random row (see row_uniform)
     num_logprobs: int  # -1: none; else the number of top logprobs per row (clamped to vocab)
 
 
@@ -273,6 +286,7 @@ def sampling_plan(
     ]
     seed_list, step_list = _as_list(seeds), _as_list(steps)
     rows = [] if all_greedy else [i for i, t in enumerate(temps) if t > 0]
+    seeds_ = [row_seed(seed_list[i], step_list[i]) for i in rows]
     return SamplingPlan(
         apply_penalties=not no_penalties,
         apply_temperature=not all_greedy,
@@ -280,6 +294,7 @@ def sampling_plan(
         apply_top_p=not all_greedy and not no_top_p,
         apply_min_p=not all_greedy and not no_min_p,
         random_rows=rows,
-        row_seeds=[row_seed(seed_list[i], step_list[i]) for i in rows],
+        row_seeds=seeds_,
+        uniforms=[row_uniform(s) for s in seeds_],
         num_logprobs=-1 if max_num_logprobs < 0 else min(max_num_logprobs, vocab_size),
     )

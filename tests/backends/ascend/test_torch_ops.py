@@ -1,0 +1,178 @@
+"""The torch paths the Ascend backend runs on the NPU, checked here on the CPU.
+
+They are device-agnostic torch code, so their numerics are checked against hand-written
+references and against the CPU reference backend (the oracle the conformance suite uses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xllm.backends.ascend import torch_ops
+from xllm.backends.ascend.translation import sampling_plan, token_layout
+from xllm.hal import AttentionMetadata, SamplingMetadata, get_backend
+
+
+def naive_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window=None):
+    """Token by token, straight from the AttentionMetadata docstring."""
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    layout = token_layout(qsl, seq_lens)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for t, (s, p) in enumerate(zip(layout.seq_index, layout.position, strict=True)):
+        keys = [j for j in range(p + 1) if window is None or j > p - window]
+        kk = torch.stack([k_cache[tables[s][j // block_size], j % block_size] for j in keys]).float()
+        vv = torch.stack([v_cache[tables[s][j // block_size], j % block_size] for j in keys]).float()
+        for h in range(q.shape[1]):
+            w = torch.softmax((kk[:, h // group] @ q[t, h].float()) * scale, dim=0)
+            out[t, h] = w @ vv[:, h // group]
+    return out
+
+
+def mixed_batch(dtype=torch.float32, window=None):
+    """The hand-worked batch of test_translation: 2 decodes + 1 prefill chunk over a block border,
+    plus a graph padding row (seq_len 1 over block 0, slot -1) and a table padded with -1."""
+    torch.manual_seed(0)
+    qsl = [0, 1, 2, 6, 7]
+    seq_lens = [5, 9, 10, 1]
+    tables = [[7, 3, -1], [2, 5, 8], [1, 4, 6], [0, -1, -1]]
+    num_blocks, block_size, hkv, hq, d = 9, 4, 2, 4, 8
+    k_cache = torch.randn(num_blocks, block_size, hkv, d).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, hkv, d).to(dtype)
+    q = torch.randn(7, hq, d).to(dtype)
+    md = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        slot_mapping=torch.tensor([12, 32, 18, 19, 24, 25, -1]),
+        max_query_len=4,
+        max_seq_len=10,
+        scale=d**-0.5,
+        sliding_window=window,
+    )
+    return q, k_cache, v_cache, md, qsl, seq_lens, tables
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_attention_matches_naive(window):
+    q, kc, vc, md, qsl, lens, tables = mixed_batch(window=window)
+    out = torch_ops.paged_attention(q, kc, vc, md)
+    ref = naive_attention(q, kc, vc, qsl, lens, tables, md.scale, window)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_matches_cpu_backend(dtype):
+    q, kc, vc, md, *_ = mixed_batch(dtype)
+    cpu = get_backend("cpu")
+    k = torch.zeros(q.shape[0], kc.shape[2], kc.shape[3], dtype=dtype)
+    ref = cpu.attention(q, k, k.clone(), kc, vc, md)
+    out = torch_ops.paged_attention(q, kc, vc, md)
+    assert out.dtype == dtype
+    torch.testing.assert_close(
+        out.float(), ref.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2
+    )
+
+
+def make_cos_sin(max_pos: int, rot_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rotary_cos_sin_feeds_rotary_mul_like_the_reference(neox):
+    """cos/sin widened for npu_rotary_mul's 'half'/'interleave' modes give the HAL's rotation."""
+    torch.manual_seed(2)
+    positions = torch.tensor([0, 3, 17, 5])
+    cache = make_cos_sin(32, 8)
+    q = torch.randn(4, 3, 12)
+    cos, sin = torch_ops.rotary_cos_sin(cache, positions, neox)
+    assert cos.shape == (4, 1, 8)
+    got = torch_ops.rotary_mul(q[..., :8], cos, sin, neox)
+    half_cos, half_sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    if neox:
+        x1, x2 = q[..., :8].chunk(2, dim=-1)
+        ref = torch.cat((x1 * half_cos - x2 * half_sin, x2 * half_cos + x1 * half_sin), dim=-1)
+    else:
+        x1, x2 = q[..., 0:8:2], q[..., 1:8:2]
+        ref = torch.stack((x1 * half_cos - x2 * half_sin, x2 * half_cos + x1 * half_sin), dim=-1).flatten(-2)
+    torch.testing.assert_close(got, ref)
+
+
+def sampling_case():
+    torch.manual_seed(3)
+    logits = torch.randn(5, 40) * 3
+    sm = SamplingMetadata.from_lists(
+        temperature=[0.0, 0.8, 1.0, 1.3, 0.5],
+        top_k=[0, 5, 0, 3, 0],
+        top_p=[1.0, 0.9, 0.7, 1.0, 1.0],
+        min_p=[0.0, 0.0, 0.05, 0.0, 0.2],
+        seeds=[11, 12, 13, 14, 15],
+        steps=[0, 1, 2, 3, 4],
+        repetition_penalty=[1.2, 1.0, 1.1, 1.0, 1.0],
+        presence_penalty=[0.0, 0.5, 0.0, 0.0, 0.0],
+        frequency_penalty=[0.0, 0.0, 0.3, 0.0, 0.0],
+        prompt_token_ids=[[1, 2, 3], [4], [5, 6], [], [7]],
+        output_token_ids=[[8, 8], [9], [10, 10, 10], [], []],
+        vocab_size=40,
+        max_num_logprobs=3,
+    )
+    return logits, sm
+
+
+def plan_for(logits, sm):
+    return sampling_plan(
+        sm.temperature,
+        sm.seeds,
+        sm.steps,
+        vocab_size=logits.shape[1],
+        all_greedy=sm.all_greedy,
+        no_penalties=sm.no_penalties,
+        no_top_k=sm.no_top_k,
+        no_top_p=sm.no_top_p,
+        no_min_p=sm.no_min_p,
+        max_num_logprobs=sm.max_num_logprobs,
+    )
+
+
+def test_processed_logits_match_cpu_backend():
+    logits, sm = sampling_case()
+    ours = torch_ops.processed_logits(logits, sm, plan_for(logits, sm))
+    ref = get_backend("cpu").processed_logits(logits, sm)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_sample_on_cpu_device_reproduces_cpu_backend_tokens():
+    """Same row seeds, same host uniforms, same inverse CDF: identical tokens and logprobs."""
+    logits, sm = sampling_case()
+    ours = torch_ops.sample(logits, sm, plan_for(logits, sm))
+    ref = get_backend("cpu").sample(logits, sm)
+    assert torch.equal(ours.sampled_token_ids, ref.sampled_token_ids)
+    torch.testing.assert_close(ours.sampled_logprobs, ref.sampled_logprobs)
+    torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
+    assert torch.equal(ours.top_token_ids, ref.top_token_ids)
+
+
+def test_sample_greedy_fast_path_and_no_logprobs():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, -1.0, 0.5]])
+    sm = SamplingMetadata.from_lists(temperature=[0.0, 0.0])
+    out = torch_ops.sample(logits, sm, plan_for(logits, sm))
+    assert out.sampled_token_ids.tolist() == [1, 0]
+    assert out.sampled_logprobs is None and out.top_logprobs is None
+
+
+def test_sample_is_stateless_per_row():
+    """A row's draw depends on its (seed, step) only, not on the rest of the batch."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, 50)
+    full = SamplingMetadata.from_lists(temperature=[1.0, 1.0, 1.0], seeds=[5, 6, 7], steps=[2, 2, 2])
+    alone = SamplingMetadata.from_lists(temperature=[1.0], seeds=[6], steps=[2])
+    a = torch_ops.sample(logits, full, plan_for(logits, full)).sampled_token_ids[1]
+    b = torch_ops.sample(logits[1:2], alone, plan_for(logits[1:2], alone)).sampled_token_ids[0]
+    assert int(a) == int(b)
+    assert not math.isnan(float(torch_ops.processed_logits(logits, full, plan_for(logits, full)).max()))
