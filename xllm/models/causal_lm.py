@@ -54,7 +54,7 @@ class CausalLM:
         """For `AttentionMetadata.sliding_window`: a query at p sees keys in (p - window, p]."""
         return self.config.sliding_window
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -72,7 +72,7 @@ class CausalLM:
 
     __call__ = forward
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 [N, vocab]; the runner passes only the rows it samples from."""
         return F.linear(hidden, self.lm_head).float()
