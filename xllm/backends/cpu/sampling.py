@@ -54,6 +54,15 @@ def _apply_penalties(logits: torch.Tensor, sm: SamplingMetadata) -> None:
     logits -= freq * output_counts + pres * (output_counts > 0)
 
 
+def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> None:
+    """Top-k alone needs only each row's k-th largest value, not a full sort."""
+    vocab_size = logits.shape[1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+    top_values = logits.topk(int(k.max()), dim=-1, sorted=True).values
+    kth = top_values.gather(1, (k - 1).unsqueeze(1))
+    logits.masked_fill_(logits < kth, float("-inf"))  # ties with the k-th value stay, as in HF
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """Masks logits outside each row's top-k, then outside its top-p nucleus (one sort)."""
     vocab_size = logits.shape[1]
@@ -87,8 +96,10 @@ def processed_logits(logits: torch.Tensor, sm: SamplingMetadata) -> torch.Tensor
     out /= torch.where(greedy, 1.0, temperature).unsqueeze(1)
     top_k = None if sm.no_top_k else torch.where(greedy, 0, sm.top_k.to(torch.int64))
     top_p = None if sm.no_top_p else torch.where(greedy, 1.0, sm.top_p.to(torch.float32))
-    if top_k is not None or top_p is not None:
+    if top_p is not None:
         out = _apply_top_k_top_p(out, top_k, top_p)
+    elif top_k is not None:
+        _apply_top_k(out, top_k)
     if not sm.no_min_p:
         min_p = torch.where(greedy, 0.0, sm.min_p.to(torch.float32)).unsqueeze(1)
         probs = out.softmax(dim=-1)
@@ -96,18 +107,29 @@ def processed_logits(logits: torch.Tensor, sm: SamplingMetadata) -> torch.Tensor
     return out
 
 
-def _exponential_noise(rows: list[int], seeds: list[int], steps: list[int], vocab_size: int) -> torch.Tensor:
-    """[len(rows), V] Exp(1) noise, each row from its own (seed, step) generator."""
-    noise = torch.empty(len(rows), vocab_size, dtype=torch.float32)
+def _uniforms(rows: list[int], seeds: list[int], steps: list[int]) -> torch.Tensor:
+    """One U[0, 1) float64 per row, each from a generator seeded by its (seed, step)."""
+    out = torch.empty(len(rows), dtype=torch.float64)
     gen = torch.Generator(device="cpu")
     for j, i in enumerate(rows):
         gen.manual_seed(row_seed(seeds[i], steps[i]))
-        noise[j].exponential_(generator=gen)
-    return noise
+        out[j] = torch.rand((), dtype=torch.float64, generator=gen)
+    return out
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token j of row i such that cdf[j-1] <= u * total < cdf[j]: an exact draw from probs.
+
+    A zero-probability token repeats the previous cdf value, so it can never be the first one
+    above the target. Needs one random number per row instead of one per vocabulary entry.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return tokens.clamp_(max=probs.shape[1] - 1)
 
 
 def sample(logits: torch.Tensor, sm: SamplingMetadata) -> SampleOutput:
-    vocab_size = logits.shape[1]
     if sm.all_greedy and sm.no_penalties:
         tokens = logits.argmax(dim=-1)  # fast path: no copy, no sort
     else:
@@ -116,17 +138,14 @@ def sample(logits: torch.Tensor, sm: SamplingMetadata) -> SampleOutput:
         if not sm.all_greedy:
             random_rows = (sm.temperature > 0).nonzero().flatten()
             rows = random_rows.tolist()
-            noise = _exponential_noise(rows, sm.seeds.tolist(), sm.steps.tolist(), vocab_size)
-            probs = processed[random_rows].softmax(dim=-1)
-            # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race, equivalent to
-            # Gumbel-max); the clamp keeps a zero draw from turning 0/0 into NaN.
-            tokens[random_rows] = (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)
+            u = _uniforms(rows, sm.seeds.tolist(), sm.steps.tolist())
+            tokens[random_rows] = _inverse_cdf(processed[random_rows].softmax(dim=-1), u)
     tokens = tokens.to(torch.int64)
     if sm.max_num_logprobs < 0:
         return SampleOutput(sampled_token_ids=tokens)
     logprobs = logits.to(torch.float32).log_softmax(dim=-1)
     sampled = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    k = min(sm.max_num_logprobs, vocab_size)
+    k = min(sm.max_num_logprobs, logits.shape[1])
     top_values, top_ids = logprobs.topk(k, dim=-1, largest=True, sorted=True)
     return SampleOutput(
         sampled_token_ids=tokens,
