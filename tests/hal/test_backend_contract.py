@@ -40,7 +40,9 @@ def contract_problems(cls: type[Backend]) -> list[str]:
 def test_backend_implements_contract(name):
     cls = load_backend_class(name)  # BackendUnavailableError here means its module does not import
     problems = contract_problems(cls)
-    assert not problems, f"backend {name!r} ({cls.__module__}.{cls.__qualname__}):\n  " + "\n  ".join(problems)
+    assert not problems, f"backend {name!r} ({cls.__module__}.{cls.__qualname__}):\n  " + "\n  ".join(
+        problems
+    )
     assert not inspect.isabstract(cls)
     assert isinstance(cls.name, str) and cls.name
     assert isinstance(cls.device_type, str) and cls.device_type

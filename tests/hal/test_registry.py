@@ -13,9 +13,9 @@ from xllm.hal import (
     UnknownBackendError,
     get_backend,
     register_backend,
+    registry,
     unregister_backend,
 )
-from xllm.hal import registry
 
 
 class NoDeviceBackend(CpuBackend):

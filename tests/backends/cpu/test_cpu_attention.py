@@ -34,7 +34,7 @@ def build_batch(
     tables = torch.full((len(seq_lens), max_blocks), 10_000, dtype=torch.int32)  # junk past the end
     used = 0
     slots, ks, vs, qs = [], [], [], []
-    for i, (s, ql) in enumerate(zip(seq_lens, query_lens)):
+    for i, (s, ql) in enumerate(zip(seq_lens, query_lens, strict=False)):
         nb = -(-s // block_size)
         tables[i, :nb] = perm[used : used + nb].to(torch.int32)
         used += nb
@@ -85,7 +85,7 @@ def reference_attention(q, k_cache, v_cache, md: AttentionMetadata) -> torch.Ten
                 m = max(scores)
                 weights = [math.exp(s - m) for s in scores]
                 total = sum(weights)
-                out[start + j, h] = sum(w / total * val for w, val in zip(weights, values))
+                out[start + j, h] = sum(w / total * val for w, val in zip(weights, values, strict=False))
     return out
 
 

@@ -104,7 +104,9 @@ def test_rotary_gptj_matches_loop(cpu, rot_dim):
 
 def test_rotary_position_zero_is_identity(cpu):
     q, k = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
-    got_q, got_k = cpu.rotary_embedding(torch.zeros(2, dtype=torch.int64), q.clone(), k.clone(), make_cos_sin(4, 8))
+    got_q, got_k = cpu.rotary_embedding(
+        torch.zeros(2, dtype=torch.int64), q.clone(), k.clone(), make_cos_sin(4, 8)
+    )
     torch.testing.assert_close(got_q, q)
     torch.testing.assert_close(got_k, k)
 
@@ -146,12 +148,22 @@ def test_bad_inputs_raise_value_error_naming_argument(cpu):
     with pytest.raises(ValueError, match="'residual'"):
         cpu.rms_norm(x, torch.randn(8), 1e-6, residual=torch.randn(2, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="'k'"):
-        cpu.rotary_embedding(torch.zeros(2, dtype=torch.int64), torch.randn(2, 2, 8), torch.randn(3, 2, 8), make_cos_sin(4, 8))
+        cpu.rotary_embedding(
+            torch.zeros(2, dtype=torch.int64), torch.randn(2, 2, 8), torch.randn(3, 2, 8), make_cos_sin(4, 8)
+        )
     with pytest.raises(ValueError, match="'x'"):
         cpu.silu_and_mul(torch.randn(2, 7))
     with pytest.raises(ValueError, match="'slot_mapping'"):
         kc = torch.zeros(2, 4, 2, 8)
-        cpu.reshape_and_cache(torch.randn(3, 2, 8), torch.randn(3, 2, 8), kc, kc.clone(), torch.zeros(2, dtype=torch.int64))
+        cpu.reshape_and_cache(
+            torch.randn(3, 2, 8), torch.randn(3, 2, 8), kc, kc.clone(), torch.zeros(2, dtype=torch.int64)
+        )
     with pytest.raises(ValueError, match="'v'"):
         kc = torch.zeros(2, 4, 2, 8)
-        cpu.reshape_and_cache(torch.randn(3, 2, 8), torch.randn(3, 2, 8).half(), kc, kc.clone(), torch.zeros(3, dtype=torch.int64))
+        cpu.reshape_and_cache(
+            torch.randn(3, 2, 8),
+            torch.randn(3, 2, 8).half(),
+            kc,
+            kc.clone(),
+            torch.zeros(3, dtype=torch.int64),
+        )

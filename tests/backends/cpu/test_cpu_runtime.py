@@ -24,7 +24,10 @@ def test_graph_runner_pads_and_returns_only_the_batch_rows(cpu):
 
     runner = cpu.create_graph_runner(
         step,
-        {"ids": GraphInput(torch.int64, (), pad_value=-1), "scale": GraphInput(torch.float32, (3,), pad_value=0.0)},
+        {
+            "ids": GraphInput(torch.int64, (), pad_value=-1),
+            "scale": GraphInput(torch.float32, (3,), pad_value=0.0),
+        },
         capture_sizes=[1, 2, 4, 8],
     )
     runner.capture()
@@ -43,7 +46,9 @@ def test_graph_runner_pads_and_returns_only_the_batch_rows(cpu):
 
 
 def test_buckets_captured_on_first_use_in_any_order(cpu):
-    runner = cpu.create_graph_runner(lambda x: x * 2, {"x": GraphInput(torch.float32, (2,))}, capture_sizes=[2, 8])
+    runner = cpu.create_graph_runner(
+        lambda x: x * 2, {"x": GraphInput(torch.float32, (2,))}, capture_sizes=[2, 8]
+    )
     assert runner.run(x=torch.ones(1, 2)).tolist() == [[2.0, 2.0]]  # bucket 2 first, then a larger one
     assert runner.run(x=torch.full((5, 2), 3.0)).tolist() == [[6.0, 6.0]] * 5
     assert runner.run(x=torch.full((2, 2), 4.0)).tolist() == [[8.0, 8.0]] * 2
@@ -106,7 +111,13 @@ def test_gloo_communicator_two_processes(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(2)
     ]
     outputs = []
@@ -117,7 +128,7 @@ def test_gloo_communicator_two_processes(tmp_path):
             for q in procs:
                 q.kill()
             raise
-    for r, (p, text) in enumerate(zip(procs, outputs)):
+    for r, (p, text) in enumerate(zip(procs, outputs, strict=False)):
         assert p.returncode == 0, f"rank {r} failed:\n{text}"
         assert f"rank {r} ok" in text
 

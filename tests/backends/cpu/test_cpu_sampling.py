@@ -30,7 +30,12 @@ def test_top_k_one_equals_greedy(cpu):
 
 def test_seeded_rows_sample_the_same_alone_or_in_any_batch(cpu):
     logits = logits_for(4, seed=2)
-    kwargs = dict(temperature=[1.0, 0.7, 1.3, 0.0], top_p=[0.9, 1.0, 0.95, 1.0], seeds=[11, 22, 33, 44], steps=[0, 5, 9, 2])
+    kwargs = dict(
+        temperature=[1.0, 0.7, 1.3, 0.0],
+        top_p=[0.9, 1.0, 0.95, 1.0],
+        seeds=[11, 22, 33, 44],
+        steps=[0, 5, 9, 2],
+    )
     batch = cpu.sample(logits, SamplingMetadata.from_lists(**kwargs)).sampled_token_ids
     for i in range(4):
         alone = SamplingMetadata.from_lists(**{key: [val[i]] for key, val in kwargs.items()})
@@ -43,12 +48,20 @@ def test_seeded_rows_sample_the_same_alone_or_in_any_batch(cpu):
 def test_steps_and_seeds_change_the_draw(cpu):
     logits = torch.zeros(1, V)  # uniform: 64 equally likely tokens
     draws = {
-        int(cpu.sample(logits, SamplingMetadata.from_lists(temperature=[1.0], seeds=[7], steps=[s])).sampled_token_ids[0])
+        int(
+            cpu.sample(
+                logits, SamplingMetadata.from_lists(temperature=[1.0], seeds=[7], steps=[s])
+            ).sampled_token_ids[0]
+        )
         for s in range(20)
     }
     assert len(draws) > 5
     by_seed = {
-        int(cpu.sample(logits, SamplingMetadata.from_lists(temperature=[1.0], seeds=[s], steps=[0])).sampled_token_ids[0])
+        int(
+            cpu.sample(
+                logits, SamplingMetadata.from_lists(temperature=[1.0], seeds=[s], steps=[0])
+            ).sampled_token_ids[0]
+        )
         for s in range(20)
     }
     assert len(by_seed) > 5
@@ -65,7 +78,9 @@ def test_random_sampling_follows_the_distribution(cpu):
 
 def test_logprobs_come_from_raw_logits(cpu):
     logits = logits_for(3, seed=3).to(torch.bfloat16)
-    sm = SamplingMetadata.from_lists(temperature=[0.0, 0.5, 2.0], top_k=[0, 3, 0], seeds=[1, 2, 3], max_num_logprobs=5)
+    sm = SamplingMetadata.from_lists(
+        temperature=[0.0, 0.5, 2.0], top_k=[0, 3, 0], seeds=[1, 2, 3], max_num_logprobs=5
+    )
     out = cpu.sample(logits, sm)
     raw = logits.float().log_softmax(-1)
     torch.testing.assert_close(out.sampled_logprobs, raw.gather(1, out.sampled_token_ids[:, None]).squeeze(1))
@@ -78,7 +93,9 @@ def test_logprobs_come_from_raw_logits(cpu):
     assert zero.top_logprobs.shape == (3, 0) and zero.sampled_logprobs.shape == (3,)
 
 
-def reference_processed(row: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+def reference_processed(
+    row: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> torch.Tensor:
     """One row, step by step with Python lists, in HF's order."""
     x = row.float() / temperature
     values = x.tolist()
@@ -90,7 +107,7 @@ def reference_processed(row: torch.Tensor, temperature: float, top_k: int, top_p
         kept = sorted(keep, key=lambda i: -values[i])
         weights = torch.tensor([values[i] for i in kept]).softmax(0).tolist()
         total, nucleus = 0.0, set()
-        for i, w in zip(kept, weights):
+        for i, w in zip(kept, weights, strict=False):
             nucleus.add(i)
             total += w
             if total >= top_p:
@@ -112,7 +129,9 @@ def reference_processed(row: torch.Tensor, temperature: float, top_k: int, top_p
 )
 def test_truncation_matches_reference(cpu, temperature, top_k, top_p, min_p):
     logits = logits_for(2, seed=4)
-    sm = SamplingMetadata.from_lists(temperature=[temperature] * 2, top_k=[top_k] * 2, top_p=[top_p] * 2, min_p=[min_p] * 2)
+    sm = SamplingMetadata.from_lists(
+        temperature=[temperature] * 2, top_k=[top_k] * 2, top_p=[top_p] * 2, min_p=[min_p] * 2
+    )
     got = cpu.processed_logits(logits, sm)
     assert got.dtype == torch.float32
     for i in range(2):
@@ -135,13 +154,19 @@ def test_mixed_batch_greedy_rows_get_penalties_only(cpu):
 def test_repetition_penalty_divides_positive_and_multiplies_negative(cpu):
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5, 3.0]])
     sm = SamplingMetadata.from_lists(
-        temperature=[0.0], repetition_penalty=[2.0], prompt_token_ids=[[0, 1]], output_token_ids=[[2, 2]], vocab_size=6
+        temperature=[0.0],
+        repetition_penalty=[2.0],
+        prompt_token_ids=[[0, 1]],
+        output_token_ids=[[2, 2]],
+        vocab_size=6,
     )
     got = cpu.processed_logits(logits, sm)
     assert got.tolist() == [[1.0, -4.0, 0.5, -1.0, 0.5, 3.0]]
     # The penalty can change the greedy choice.
     logits = torch.tensor([[3.0, 2.0]])
-    sm = SamplingMetadata.from_lists(temperature=[0.0], repetition_penalty=[2.0], output_token_ids=[[0]], vocab_size=2)
+    sm = SamplingMetadata.from_lists(
+        temperature=[0.0], repetition_penalty=[2.0], output_token_ids=[[0]], vocab_size=2
+    )
     assert int(cpu.sample(logits, sm).sampled_token_ids[0]) == 1
 
 
@@ -169,3 +194,11 @@ def test_bad_sampling_inputs(cpu):
         cpu.sample(torch.zeros(2, V, dtype=torch.int64), sm)
     with pytest.raises(ValueError, match="'sampling'"):
         cpu.processed_logits(logits_for(2), {"temperature": [1.0]})
+
+
+def test_per_row_top_k_in_one_batch(cpu):
+    logits = logits_for(4, seed=6)
+    sm = SamplingMetadata.from_lists(temperature=[1.0, 0.0, 1.0, 1.0], top_k=[3, 5, 0, V + 10])
+    got = cpu.processed_logits(logits, sm)
+    assert torch.isfinite(got).sum(-1).tolist() == [3, V, V, V]
+    torch.testing.assert_close(got[0], reference_processed(logits[0], 1.0, 3, 1.0, 0.0))

@@ -17,7 +17,9 @@ from xllm.hal.metadata import AttentionMetadata
 _MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, ctx_len: int) -> torch.Tensor:
+def _gather_context(
+    cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, ctx_len: int
+) -> torch.Tensor:
     """[B, num_kv_heads, ctx_len, head_dim] float32: each row's first ctx_len cached tokens.
 
     Heads go before tokens so the score and value matmuls run on contiguous [L, D] matrices per
@@ -37,7 +39,9 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: t
     return out.copy_(ctx.transpose(1, 2))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Masked softmax attention in float32 with grouped KV heads.
 
     q: [B, Lq, Hq, D]; k, v: [B, Hkv, L, D] float32; mask: [B, Lq, L] True where the key is visible.
@@ -55,7 +59,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return out.view(b, hkv, group, lq, d).permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
 
 
-def _visible(query_pos: torch.Tensor, ctx_len: int, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+def _visible(
+    query_pos: torch.Tensor, ctx_len: int, seq_lens: torch.Tensor, window: int | None
+) -> torch.Tensor:
     """[B, Lq, ctx_len] mask: key t is visible to a query at position p iff t <= p, t < seq_len,
     and (with a sliding window) t > p - window."""
     keys = torch.arange(ctx_len).view(1, 1, -1)

@@ -77,7 +77,12 @@ class CpuBackend(Backend):
         return ops.rms_norm(x, weight, eps, residual)
 
     def _rotary_embedding(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, neox_style: bool
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        neox_style: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rotary_embedding(positions, q, k, cos_sin_cache, neox_style)
 
@@ -88,7 +93,12 @@ class CpuBackend(Backend):
         return ops.gelu_and_mul(x, approximate)
 
     def _reshape_and_cache(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
     ) -> None:
         ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 
@@ -148,4 +158,3 @@ class CpuBackend(Backend):
 
     def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return GlooCommunicator(rank, world_size, init_method)
-

@@ -18,7 +18,9 @@ from xllm.hal.comm import Communicator
 class GlooCommunicator(Communicator):
     def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 300.0) -> None:
         if dist.is_initialized():
-            raise RuntimeError("torch.distributed is already initialised in this process; close the other communicator first")
+            raise RuntimeError(
+                "torch.distributed is already initialised in this process; close the other communicator first"
+            )
         dist.init_process_group(
             "gloo",
             init_method=init_method,
@@ -51,7 +53,12 @@ class GlooCommunicator(Communicator):
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         self._check_open()
-        dist.recv(tensor, src)
+        if tensor.is_contiguous():
+            dist.recv(tensor, src)
+        else:  # gloo writes into contiguous buffers only
+            buf = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            dist.recv(buf, src)
+            tensor.copy_(buf)
         return tensor
 
     def barrier(self) -> None:

@@ -26,7 +26,12 @@ class CpuGraphRunner(GraphRunner):
         result = fn(**inputs)
         pool = self._output_pool
         # Buckets are captured largest first, so the first output sizes the pool for all of them.
-        if pool is None or pool.shape[0] < size or pool.shape[1:] != result.shape[1:] or pool.dtype != result.dtype:
+        if (
+            pool is None
+            or pool.shape[0] < size
+            or pool.shape[1:] != result.shape[1:]
+            or pool.dtype != result.dtype
+        ):
             pool = torch.empty_like(result)
             self._output_pool = pool
         out = pool[:size]

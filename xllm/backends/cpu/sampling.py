@@ -40,8 +40,12 @@ def _apply_penalties(logits: torch.Tensor, sm: SamplingMetadata) -> None:
     vocab_size = logits.shape[1]
     rows = logits.shape[0]
     empty = torch.full((rows, 1), vocab_size, dtype=torch.int64)
-    output_counts = _token_counts(sm.output_token_ids if sm.output_token_ids is not None else empty, vocab_size)
-    prompt_counts = _token_counts(sm.prompt_token_ids if sm.prompt_token_ids is not None else empty, vocab_size)
+    output_counts = _token_counts(
+        sm.output_token_ids if sm.output_token_ids is not None else empty, vocab_size
+    )
+    prompt_counts = _token_counts(
+        sm.prompt_token_ids if sm.prompt_token_ids is not None else empty, vocab_size
+    )
     # Repetition penalty (CTRL paper, as HF and vLLM apply it): tokens seen in the prompt or the
     # output have positive logits divided and negative logits multiplied by the penalty.
     seen = (output_counts > 0) | (prompt_counts > 0)
@@ -56,14 +60,19 @@ def _apply_penalties(logits: torch.Tensor, sm: SamplingMetadata) -> None:
 
 def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> None:
     """Top-k alone needs only each row's k-th largest value, not a full sort."""
-    vocab_size = logits.shape[1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
-    top_values = logits.topk(int(k.max()), dim=-1, sorted=True).values
-    kth = top_values.gather(1, (k - 1).unsqueeze(1))
+    enabled = top_k > 0  # greedy and disabled rows carry k = 0 and keep everything
+    if not bool(enabled.any()):
+        return
+    k = top_k.clamp(1, logits.shape[1])
+    top_values = logits.topk(int(k[enabled].max()), dim=-1, sorted=True).values
+    kth = top_values.gather(1, (k.clamp(max=top_values.shape[1]) - 1).unsqueeze(1))
+    kth.masked_fill_(~enabled.unsqueeze(1), float("-inf"))
     logits.masked_fill_(logits < kth, float("-inf"))  # ties with the k-th value stay, as in HF
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
     """Masks logits outside each row's top-k, then outside its top-p nucleus (one sort)."""
     vocab_size = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=False)

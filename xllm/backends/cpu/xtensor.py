@@ -39,7 +39,14 @@ def _load_libc() -> ctypes.CDLL:
     if _libc is None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         libc.munmap.restype = ctypes.c_int
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mprotect.restype = ctypes.c_int
@@ -60,7 +67,9 @@ class CpuXTensor(XTensor):
     def __init__(self, num_pages: int, page_size_bytes: int | None = None) -> None:
         page_size_bytes = page_size_bytes or DEFAULT_PAGE_SIZE_BYTES
         if page_size_bytes % mmap.PAGESIZE:
-            raise ValueError(f"page_size_bytes must be a multiple of the OS page size {mmap.PAGESIZE}, got {page_size_bytes}")
+            raise ValueError(
+                f"page_size_bytes must be a multiple of the OS page size {mmap.PAGESIZE}, got {page_size_bytes}"
+            )
         super().__init__(num_pages, page_size_bytes)
         self._libc = _load_libc()
         addr = self._libc.mmap(
@@ -75,7 +84,10 @@ class CpuXTensor(XTensor):
         return self.base_address + page * self.page_size_bytes
 
     def _map_page(self, page: int) -> None:
-        _check(self._libc.mprotect(self._page_address(page), self.page_size_bytes, PROT_READ | PROT_WRITE), "mprotect")
+        _check(
+            self._libc.mprotect(self._page_address(page), self.page_size_bytes, PROT_READ | PROT_WRITE),
+            "mprotect",
+        )
 
     def _unmap_page(self, page: int) -> None:
         addr = self._page_address(page)
