@@ -79,12 +79,16 @@ class AscendBackend(Backend):
         ),
     )
 
-    def __init__(self, split_mixed_batches: bool = False, **options: object) -> None:
+    def __init__(
+        self, split_mixed_batches: bool = False, npu_module: ModuleType | None = None, **options: object
+    ) -> None:
         """`split_mixed_batches`: one FIA call per run of decodes / prefill chunks instead of one
-        call per batch (vllm-ascend splits this way on chips whose FIA rejects mixed TND batches)."""
+        call per batch (vllm-ascend splits this way on chips whose FIA rejects mixed TND batches).
+        `npu_module`: an already imported torch_npu (or, in tests, a stand-in exposing the
+        documented operators); by default torch_npu is imported here."""
         if options:
             raise TypeError(f"AscendBackend got unknown options {sorted(options)}")
-        self.npu: ModuleType = probe_mod.import_torch_npu()
+        self.npu: ModuleType = npu_module if npu_module is not None else probe_mod.import_torch_npu()
         self.ns = npu_namespace(self.npu)
         self.split_mixed_batches = bool(split_mixed_batches)
         self._capturing = False  # True while NpuGraphRunner records a graph

@@ -27,6 +27,8 @@ from xllm.backends.ascend.translation import (
 from xllm.hal.metadata import AttentionMetadata
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)  # FIA and the ATB cache write take these only
+ROTARY_MUL_MAX_DIM = 896  # npu_rotary_mul: D < 896 and B, N < 1000 (torch_npu API reference)
+ROTARY_MUL_MAX_HEADS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,13 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rot_dim = cos_sin_cache.shape[1]
     cos, sin = torch_ops.rotary_cos_sin(cos_sin_cache, positions, neox_style)  # [T, 1, rot]
+    if rot_dim >= ROTARY_MUL_MAX_DIM or max(q.shape[1], k.shape[1]) >= ROTARY_MUL_MAX_HEADS:
+        # Outside npu_rotary_mul's documented limits (D < 896, N < 1000): same formula in torch.
+        for x in (q, k):
+            x[..., :rot_dim].copy_(
+                torch_ops.rotary_mul(x[..., :rot_dim].to(torch.float32), cos, sin, neox_style)
+            )
+        return q, k
     cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, T, 1, rot]: BSND with B=1
     mode = "half" if neox_style else "interleave"
     for x in (q, k):
@@ -216,10 +225,23 @@ def fused_attention(
     key = k_cache.view(num_blocks, block_size, -1)  # paged key in BBH: [blocks, block_size, Hkv*D]
     value = v_cache.view(num_blocks, block_size, -1)
     kwargs: dict[str, Any] = args.as_kwargs()
-    out, _lse = npu.npu_fused_infer_attention_score(
-        q.contiguous(), key, value, atten_mask=mask, block_table=block_tables, **kwargs
-    )
+    if _FIA_SCALE_KEYWORD[0] != "scale":
+        kwargs[_FIA_SCALE_KEYWORD[0]] = kwargs.pop("scale")
+    try:
+        out, _lse = npu.npu_fused_infer_attention_score(
+            q.contiguous(), key, value, atten_mask=mask, block_table=block_tables, **kwargs
+        )
+    except TypeError as exc:
+        # torch_npu releases before 7.0 named the softmax scale `scale_value`; switch once.
+        if _FIA_SCALE_KEYWORD[0] != "scale" or "scale" not in str(exc):
+            raise
+        _FIA_SCALE_KEYWORD[0] = "scale_value"
+        return fused_attention(npu, q, k_cache, v_cache, block_tables, mask, args)
     return out.view(q.shape)
+
+
+# The keyword this torch_npu uses for FIA's softmax scale, learnt on the first call.
+_FIA_SCALE_KEYWORD = ["scale"]
 
 
 def torch_attention(
