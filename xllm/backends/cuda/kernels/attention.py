@@ -138,6 +138,8 @@ def paged_attention_kernel(
         if SLIDING:
             lo = tl.maximum(ctx_len + q_block * BLOCK_Q - window + 1, 0)
         lo = (lo // TILE_N) * TILE_N
+        if CAUSAL_BORDER_BUG:
+            hi = tl.minimum(hi + 1, seq_len)  # the bug's loop bound reaches one key too far
         if NUM_SPLITS > 1:
             per_split = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), TILE_N) * TILE_N
             lo = lo + split * per_split
