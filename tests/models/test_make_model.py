@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -116,3 +117,46 @@ def test_cli_make_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "mistral tiny" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["make-model", str(tmp_path / "x"), "--family", "gpt2"])
+
+
+@pytest.mark.slow
+def test_100m_model(tmp_path: Path) -> None:
+    """The benchmark-size model: ~100M parameters, bf16 on disk, an 8192-id tokenizer that fills
+    the vocabulary with learned merges, and logits that match transformers."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from xllm.hal import get_backend
+    from xllm.hal.metadata import AttentionMetadata
+    from xllm.models import load_model, load_tokenizer
+
+    d = make_model(tmp_path / "m", "llama", "100m")
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        num_params = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
+    assert 90e6 < num_params < 110e6
+    tok = load_tokenizer(d)
+    assert len(tok) == 8192
+    assert not any(t.startswith("<|reserved") for t in tok.get_vocab())
+    assert len(tok.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)) <= 12
+
+    backend = get_backend("cpu")
+    model = load_model(d, backend, dtype="float32", progress=False)
+    assert load_model(d, backend, progress=False).dtype == torch.bfloat16  # auto follows config
+    ids = torch.arange(100, 120)
+    cfg = model.config
+    caches = backend.allocate_kv_cache(cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    md = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 20], dtype=torch.int32),
+        seq_lens=torch.tensor([20], dtype=torch.int32),
+        block_tables=torch.tensor([[1, 0]], dtype=torch.int32),
+        slot_mapping=torch.tensor([16 + i for i in range(16)] + [0, 1, 2, 3]),
+        max_query_len=20,
+        max_seq_len=20,
+        scale=model.attention_scale,
+    )
+    ours = model.compute_logits(model.forward(ids, torch.arange(20), caches, md))
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    assert (ours - ref).abs().max() < 1e-3
