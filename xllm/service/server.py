@@ -5,7 +5,8 @@ uvicorn's own SIGTERM handling closes the listening socket at once, so new clien
 process would die by SIGTERM instead of exiting 0. `DrainingServer` replaces that: the first
 SIGTERM flips the app to draining (new /v1 requests get 503, /health says "draining"), waits
 for in-flight requests up to the shutdown timeout, aborts what is left, and only then asks
-uvicorn to stop; `serve()` then returns 0. SIGINT keeps uvicorn's behaviour (Ctrl+C stops now).
+uvicorn to stop; `serve()` then returns 0. SIGINT keeps uvicorn's behaviour (Ctrl+C stops now);
+further SIGTERMs during a drain are ignored.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         if self._drain_task is not None:
-            # A second SIGTERM while draining: stop now (in-flight requests get cut).
-            self.should_exit = True
+            # Repeated SIGTERMs are common (`timeout` and process managers signal the child and
+            # its group); the drain deadline already bounds the wait, and SIGINT still forces.
             return
         # Runs in the signal handler, on the loop's thread between bytecodes: only schedule.
         self._drain_task = self._loop.create_task(self._drain())
