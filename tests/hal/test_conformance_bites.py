@@ -58,7 +58,7 @@ def _check_bites(backend, reference, cases, is_affected) -> None:
     }
 
 
-@pytest.mark.parametrize("against", ["numpy", "cpu"])
+@pytest.mark.parametrize("against", ["numpy", pytest.param("cpu", marks=pytest.mark.slow)])
 def test_windowless_attention_fails_exactly_the_sliding_window_cases(cases, against) -> None:
     reference = NumpyReference() if against == "numpy" else get_backend("cpu")
     _check_bites(
@@ -66,7 +66,7 @@ def test_windowless_attention_fails_exactly_the_sliding_window_cases(cases, agai
     )
 
 
-@pytest.mark.parametrize("against", ["numpy", "cpu"])
+@pytest.mark.parametrize("against", ["numpy", pytest.param("cpu", marks=pytest.mark.slow)])
 def test_residualless_rms_norm_fails_exactly_the_residual_cases(cases, against) -> None:
     reference = NumpyReference() if against == "numpy" else get_backend("cpu")
     _check_bites(ResiduallessRmsNorm(), reference, cases, lambda c: c.op == "rms_norm" and c.p["residual"])

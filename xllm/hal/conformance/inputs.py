@@ -10,6 +10,7 @@ sequence does not own, so reading outside the context shows up as a large error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,11 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def cos_sin_cache(max_position: int, rot_dim: int, base: float = 10000.0) -> torch.Tensor:
     """[max_position, rot_dim] float32: cos in the first rot_dim/2 columns, sin in the rest (vLLM)."""
+    return _cos_sin_cache(max_position, rot_dim, base).clone()  # a copy: a buggy op may write to it
+
+
+@functools.lru_cache(maxsize=16)
+def _cos_sin_cache(max_position: int, rot_dim: int, base: float) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
     angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat((angles.cos(), angles.sin()), dim=-1).to(torch.float32)
@@ -143,12 +149,17 @@ def distinct_logits(gen: torch.Generator, rows: int, vocab_size: int) -> torch.T
     Ties would make argmax, top-k and top-p order implementation-defined, so each row is a random
     choice of distinct bfloat16 values with 1/16 <= |x| <= 8 (all exact in float16 too).
     """
-    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(torch.float32)
-    pool = bits[torch.isfinite(bits) & (bits.abs() >= 1 / 16) & (bits.abs() <= 8)]
-    pool = torch.unique(pool)
+    pool = _logit_pool()
     if vocab_size > pool.numel():
         raise ValueError(f"vocab_size {vocab_size} exceeds the {pool.numel()} distinct values available")
     return torch.stack([pool[torch.randperm(pool.numel(), generator=gen)[:vocab_size]] for _ in range(rows)])
+
+
+@functools.lru_cache(maxsize=1)
+def _logit_pool() -> torch.Tensor:
+    """Every bfloat16 value with 1/16 <= |x| <= 8, ascending (about 1.8k of them)."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(torch.float32)
+    return torch.unique(bits[torch.isfinite(bits) & (bits.abs() >= 1 / 16) & (bits.abs() <= 8)])
 
 
 def random_history(gen: torch.Generator, vocab_size: int, length: int) -> list[int]:
