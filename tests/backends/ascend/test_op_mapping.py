@@ -222,3 +222,16 @@ def test_sampling_matches_cpu_backend(backend, cpu):
 def test_unknown_option_is_rejected(npu):
     with pytest.raises(TypeError, match="unknown options"):
         AscendBackend(npu_module=npu, graph_mode="x")
+
+
+def test_host_copy_is_not_fooled_by_a_reused_address(backend, npu):
+    """A new slot tensor is re-planned even if the allocator hands it the old one's memory."""
+    k = torch.randn(1, 1, 4, dtype=torch.float16)
+    kc, vc = torch.zeros(2, 2, 1, 4, dtype=torch.float16), torch.zeros(2, 2, 1, 4, dtype=torch.float16)
+    storage = torch.tensor([1])
+    backend.reshape_and_cache(k, k, kc, vc, storage[:1])
+    same_memory = storage[:1]  # another tensor object over the same address, version unchanged
+    same_memory_value = same_memory.clone().fill_(2)
+    storage.data = same_memory_value  # swap storage without bumping the version counter
+    backend.reshape_and_cache(k, k, kc, vc, storage[:1])
+    assert npu.calls[-1][1]["slot_indices"].tolist() == [2]
