@@ -1,0 +1,35 @@
+"""Fixtures for the CUDA backend tests.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors: the ``backend``
+fixture is ``CudaBackend(interpret=True)``, which sets ``TRITON_INTERPRET=1`` before the kernels
+are imported. Tests marked ``gpu`` use the real device and are skipped where there is none.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xllm.hal import Backend, get_backend
+
+
+@pytest.fixture(scope="session")
+def backend() -> Backend:
+    from xllm.backends.cuda.backend import CudaBackend
+
+    reason = CudaBackend.probe(interpret=True)
+    if reason is not None:
+        pytest.skip(f"cuda backend cannot interpret its kernels here: {reason}")
+    return get_backend("cuda", interpret=True)
+
+
+@pytest.fixture(scope="session")
+def cpu() -> Backend:
+    return get_backend("cpu")
+
+
+@pytest.fixture(scope="session")
+def gpu_backend() -> Backend:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return get_backend("cuda")
