@@ -75,21 +75,24 @@ class SubRequest:
 
 @dataclass(slots=True)
 class AdmissionTracker:
-    """Engine requests sent by the server that have not produced their first output yet.
+    """Counts the engine requests this server has started and not yet seen end.
 
     `AsyncLLM.generate` hands a request to the engine thread through a command queue, so for a
-    moment it is in neither the engine's running nor its waiting count. A burst of requests
-    would all pass the --max-queue check in that window; counting them here closes it.
+    moment it is in neither the engine's running nor its waiting count, and a burst of requests
+    would all pass the --max-queue check in that window. The server is the engine's only client,
+    so whatever it has outstanding beyond the engine's running + waiting is still in transit.
     """
 
-    in_transit: int = 0
+    outstanding: int = 0
 
     def would_wait(self, engine: Any) -> int:
-        """How many requests would be waiting in the engine once those in transit arrive."""
+        """How many requests will be waiting in the engine once those in transit arrive."""
         stats = engine.stats()
+        running, waiting = int(stats.num_running), int(stats.num_waiting)
+        in_transit = max(0, self.outstanding - running - waiting)
         max_num_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None) or 0
-        free_slots = max(0, max_num_seqs - int(stats.num_running) - int(stats.num_waiting))
-        return int(stats.num_waiting) + max(0, self.in_transit - free_slots)
+        free_slots = max(0, max_num_seqs - running - waiting)
+        return waiting + max(0, in_transit - free_slots)
 
 
 @dataclass(slots=True)
@@ -103,26 +106,21 @@ class EngineRun:
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closed: bool = False
+    _counted: bool = False  # whether `admission.outstanding` includes these subs
 
     async def _pump(self, i: int) -> None:
         sub = self.subs[i]
-        in_transit = True
         try:
-            async for out in self.engine.generate(
-                {"prompt_token_ids": sub.prompt_ids}, sub.params, sub.engine_request_id
-            ):
-                if in_transit:
-                    in_transit = False
-                    self.admission.in_transit -= 1
+            prompt: dict[str, Any] = {"prompt_token_ids": sub.prompt_ids}
+            if sub.prompt_text is not None:
+                prompt["prompt"] = sub.prompt_text
+            async for out in self.engine.generate(prompt, sub.params, sub.engine_request_id):
                 await self._queue.put((i, out, None))
         except BaseException as exc:  # handed to the consumer, which decides the HTTP status
             await self._queue.put((i, None, exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        finally:
-            if in_transit:
-                self.admission.in_transit -= 1
         await self._queue.put((i, None, None))
 
     async def outputs(self) -> AsyncIterator[tuple[SubRequest, Any]]:
@@ -130,7 +128,8 @@ class EngineRun:
         for sub in self.subs:
             self.active_ids.add(sub.engine_request_id)
         # Counted before the first await so the next request's --max-queue check sees these.
-        self.admission.in_transit += len(self.subs)
+        self.admission.outstanding += len(self.subs)
+        self._counted = True
         self._tasks = [asyncio.create_task(self._pump(i)) for i in range(len(self.subs))]
         pending = len(self.subs)
         try:
@@ -164,6 +163,9 @@ class EngineRun:
         if self._closed:
             return
         self._closed = True
+        if self._counted:
+            # Here rather than in the pumps: a pump cancelled before it ever ran has no finally.
+            self.admission.outstanding -= len(self.subs)
         with anyio.CancelScope(shield=True):
             for task in self._tasks:
                 if not task.done():
