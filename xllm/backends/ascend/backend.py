@@ -44,23 +44,34 @@ from xllm.hal.streams import Event, Stream
 
 
 class _HostCopy:
-    """Host copy of a device tensor, re-read only when the tensor (storage or version) changes.
+    """Host copy of values derived from device tensors, recomputed only when the tensors change.
 
     Every attention layer of one step sees the same metadata tensors, so the one device->host
-    sync FIA's host-side length lists need happens once per step, not once per layer.
+    sync that FIA's host-side length lists need happens once per step, not once per layer. The
+    cache holds the tensors themselves: a hit needs the very same objects (not just the same
+    address, which a freed tensor's successor may reuse) at the same version counter (bumped by
+    every in-place write, ``copy_`` into a static graph buffer included).
     """
 
     def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
+        self._tensors: tuple[torch.Tensor, ...] = ()
+        self._versions: tuple[int, ...] = ()
+        self._extra: tuple[Any, ...] = ()
         self._value: Any = None
 
     def get(
         self, tensors: Sequence[torch.Tensor], compute: Callable[[], Any], extra: tuple[Any, ...] = ()
     ) -> Any:
-        key = (*((t.data_ptr(), t._version, tuple(t.shape), t.device) for t in tensors), *extra)
-        if key != self._key:
+        versions = tuple(t._version for t in tensors)
+        hit = (
+            len(tensors) == len(self._tensors)
+            and all(a is b for a, b in zip(tensors, self._tensors, strict=True))
+            and versions == self._versions
+            and extra == self._extra
+        )
+        if not hit:
             self._value = compute()
-            self._key = key
+            self._tensors, self._versions, self._extra = tuple(tensors), versions, extra
         return self._value
 
 
@@ -289,6 +300,7 @@ class AscendBackend(Backend):
     # ------------------------------------------------------------------ comm
 
     def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        return HcclCommunicator(
-            rank, world_size, init_method, self.device(rank % max(self.device_count(), 1))
-        )
+        # One NPU per rank on a host; HCCL binds the communicator to the current device.
+        device = self.device(rank % max(self.device_count(), 1))
+        self.ns.set_device(device)
+        return HcclCommunicator(rank, world_size, init_method, device)
