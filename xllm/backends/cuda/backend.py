@@ -81,7 +81,9 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ identity
 
     @classmethod
-    def probe(cls, interpret: bool = False, **options: object) -> str | None:
+    def probe(cls, **options: object) -> str | None:
+        # The one option: interpret=True runs the kernels in Triton's interpreter (no GPU needed).
+        interpret = bool(options.pop("interpret", False))
         if options:
             return f"unknown options {sorted(options)} (cuda takes 'interpret')"
         if interpret:
