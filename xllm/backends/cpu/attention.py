@@ -72,27 +72,41 @@ def _visible(
     return mask
 
 
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    md: AttentionMetadata,
+) -> torch.Tensor:
+    """One query per sequence (q: [B, Hq, D]), all sequences padded to the longest context."""
+    ctx_len = int(seq_lens.max())
+    k_ctx = _gather_context(k_cache, block_tables, seq_lens, ctx_len)
+    v_ctx = _gather_context(v_cache, block_tables, seq_lens, ctx_len)
+    mask = _visible((seq_lens - 1).view(-1, 1), ctx_len, seq_lens, md.sliding_window)
+    return _attend(q.unsqueeze(1), k_ctx, v_ctx, mask, md.scale).squeeze(1)
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
-    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
     starts = md.query_start_loc.to(torch.int64)
     seq_lens = md.seq_lens.to(torch.int64)
     query_lens = starts[1:] - starts[:-1]
-    is_decode = query_lens == 1
+    if md.num_seqs == 0:
+        return torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
+    if num_tokens == md.num_seqs and bool((query_lens == 1).all()):
+        # Pure decode (the hot path, and every graph-replayed step): token i is sequence i.
+        return _decode(q, k_cache, v_cache, md.block_tables, seq_lens, md).to(q.dtype)
 
-    decode_rows = is_decode.nonzero().flatten()
+    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
+    decode_rows = (query_lens == 1).nonzero().flatten()
     if decode_rows.numel():
-        d_lens = seq_lens[decode_rows]
-        ctx_len = int(d_lens.max())
-        tables = md.block_tables[decode_rows]
-        k_ctx = _gather_context(k_cache, tables, d_lens, ctx_len)
-        v_ctx = _gather_context(v_cache, tables, d_lens, ctx_len)
         tokens = starts[decode_rows]
-        mask = _visible((d_lens - 1).view(-1, 1), ctx_len, d_lens, md.sliding_window)
-        res = _attend(q[tokens].unsqueeze(1), k_ctx, v_ctx, mask, md.scale)
-        out[tokens] = res.squeeze(1).to(q.dtype)
+        res = _decode(q[tokens], k_cache, v_cache, md.block_tables[decode_rows], seq_lens[decode_rows], md)
+        out[tokens] = res.to(q.dtype)
 
     # Prefill chunks (query length > 1) one sequence at a time: their lengths differ too much
     # to pad them together without wasting most of the work.
