@@ -94,3 +94,15 @@ def test_sample_is_stateless_per_row():
     b = torch_ops.sample(logits[1:2], alone, plan_for(logits[1:2], alone)).sampled_token_ids[0]
     assert int(a) == int(b)
     assert not math.isnan(float(torch_ops.processed_logits(logits, full, plan_for(logits, full)).max()))
+
+
+def test_paged_attention_chunked_online_softmax_matches_one_chunk(monkeypatch):
+    """Forcing one block per chunk (many online-softmax steps) changes nothing but rounding."""
+    q, kc, vc, md, qsl, lens, tables = mixed_batch(window=5)
+    whole = torch_ops.paged_attention(q, kc, vc, md)
+    monkeypatch.setattr(torch_ops, "_ATTENTION_CHUNK_BYTES", 1)
+    chunked = torch_ops.paged_attention(q, kc, vc, md)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        chunked, naive_attention(q, kc, vc, qsl, lens, tables, md.scale, 5), atol=1e-5, rtol=1e-5
+    )
