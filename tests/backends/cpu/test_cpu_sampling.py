@@ -14,7 +14,11 @@ def logits_for(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def test_greedy_is_exact_argmax_and_needs_no_sort(cpu):
+def test_greedy_is_exact_argmax_without_processing(cpu, monkeypatch):
+    from xllm.backends.cpu import sampling as cpu_sampling
+
+    # The all-greedy fast path must not copy, sort or process the logits at all.
+    monkeypatch.setattr(cpu_sampling, "processed_logits", lambda *a: pytest.fail("processed greedy logits"))
     logits = logits_for(5)
     out = cpu.sample(logits, SamplingMetadata.from_lists(temperature=[0.0] * 5))
     assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
