@@ -25,7 +25,9 @@ class WindowlessAttention(CpuBackend):
     name: ClassVar[str] = "cpu-windowless"
 
     def _attention(self, q, k, v, k_cache, v_cache, metadata: AttentionMetadata) -> torch.Tensor:
-        return super()._attention(q, k, v, k_cache, v_cache, dataclasses.replace(metadata, sliding_window=None))
+        return super()._attention(
+            q, k, v, k_cache, v_cache, dataclasses.replace(metadata, sliding_window=None)
+        )
 
 
 class ResiduallessRmsNorm(CpuBackend):
@@ -50,7 +52,11 @@ def _check_bites(backend, reference, cases, is_affected) -> None:
     affected = {c.name for c in cases if is_affected(c)}
     assert affected, "the case list must exercise the feature"
     failed = {r.name for r in report.results if r.status == Status.FAIL}
-    wrong = {r.name: (r.status.value, r.detail) for r in report.results if r.status not in (Status.PASS, Status.FAIL)}
+    wrong = {
+        r.name: (r.status.value, r.detail)
+        for r in report.results
+        if r.status not in (Status.PASS, Status.FAIL)
+    }
     assert not wrong
     assert failed == affected, {
         "missed": sorted(affected - failed),

@@ -7,7 +7,16 @@ per-op, per-dtype thresholds (`compare.THRESHOLDS`). ``xllm conformance`` is the
 of `run_suite`.
 """
 
-from xllm.hal.conformance.cases import DTYPES, Case, CaseKind, build_cases, get_kind, kinds, make_case, register_kind
+from xllm.hal.conformance.cases import (
+    DTYPES,
+    Case,
+    CaseKind,
+    build_cases,
+    get_kind,
+    kinds,
+    make_case,
+    register_kind,
+)
 from xllm.hal.conformance.compare import THRESHOLDS, Checker, nmse, threshold_for
 from xllm.hal.conformance.numpy_ref import NumpyReference
 from xllm.hal.conformance.runner import CaseResult, Report, Status, run_case, run_suite

@@ -107,7 +107,12 @@ _KINDS: dict[str, CaseKind] = {}
 
 
 def register_kind(
-    name: str, build: Callable[[], list[Case]], check: CheckFn, *, uses_reference: bool = True, description: str = ""
+    name: str,
+    build: Callable[[], list[Case]],
+    check: CheckFn,
+    *,
+    uses_reference: bool = True,
+    description: str = "",
 ) -> CaseKind:
     kind = CaseKind(name, build, check, uses_reference, description)
     _KINDS[name] = kind

@@ -157,5 +157,8 @@ class Checker:
             same = a.to(torch.int64) == b.to(torch.int64)
         if not bool(same.all()):
             bad = int((~same).sum())
-            self.nmse = max(self.nmse, nmse(a.to(torch.float64), b.to(torch.float64)) if a.dtype.is_floating_point else math.inf)
+            self.nmse = max(
+                self.nmse,
+                nmse(a.to(torch.float64), b.to(torch.float64)) if a.dtype.is_floating_point else math.inf,
+            )
             self.fail(f"{label}: {bad} of {same.numel()} values differ")

@@ -24,7 +24,9 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def randn(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+def randn(
+    gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0
+) -> torch.Tensor:
     """Normal values drawn in float32 and rounded to `dtype`, so every side sees exact inputs."""
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(dtype)
 
@@ -34,7 +36,9 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to(device, copy=True)
     if isinstance(obj, (AttentionMetadata, SamplingMetadata)):
-        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj, **{f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        )
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -99,7 +103,7 @@ def paged_batch(
     slot_mapping: list[int] = []
     new_k, new_v = [], []
     used = 0
-    for i, ((prefix, qlen), seq_len, nblocks) in enumerate(zip(seqs, seq_lens, blocks_per_seq)):
+    for i, ((prefix, _qlen), seq_len, nblocks) in enumerate(zip(seqs, seq_lens, blocks_per_seq, strict=True)):
         ids = perm[used : used + nblocks]
         used += nblocks
         # Unused columns point at a spare (poisoned) block, never read for a correct backend.

@@ -239,7 +239,9 @@ class NumpyReference:
     # ------------------------------------------------------------------ not ops
 
     def create_graph_runner(self, *args: object, **kwargs: object) -> None:
-        raise NotSupportedError("the NumPy reference has no graphs; graph cases compare a backend with itself")
+        raise NotSupportedError(
+            "the NumPy reference has no graphs; graph cases compare a backend with itself"
+        )
 
     def create_xtensor(self, *args: object, **kwargs: object) -> None:
         raise NotSupportedError("the NumPy reference has no device memory")
@@ -268,7 +270,11 @@ def process_logits(
     vocab_size = out.shape[1]
     temperature = to_numpy(sm.temperature)
     top_k, top_p, min_p = to_numpy(sm.top_k), to_numpy(sm.top_p), to_numpy(sm.min_p)
-    rep, pres, freq = to_numpy(sm.repetition_penalty), to_numpy(sm.presence_penalty), to_numpy(sm.frequency_penalty)
+    rep, pres, freq = (
+        to_numpy(sm.repetition_penalty),
+        to_numpy(sm.presence_penalty),
+        to_numpy(sm.frequency_penalty),
+    )
     prompts = to_numpy(sm.prompt_token_ids) if sm.prompt_token_ids is not None else None
     outputs = to_numpy(sm.output_token_ids) if sm.output_token_ids is not None else None
     for i in range(out.shape[0]):

@@ -90,7 +90,14 @@ def _build_rotary() -> list[Case]:
     ]
     return [
         make_case(
-            "rotary_embedding", dtype, small=small, T=t, hq=hq, hkv=hkv, d=d, rot=rot,
+            "rotary_embedding",
+            dtype,
+            small=small,
+            T=t,
+            hq=hq,
+            hkv=hkv,
+            d=d,
+            rot=rot,
             style="neox" if neox else "gptj",
         )
         for dtype in DTYPES
@@ -122,7 +129,11 @@ def _check_rotary(case: Case, backend: Any, reference: Any, chk: Checker) -> Non
 
 def _build_silu() -> list[Case]:
     shapes = [((1, 128), True), ((7, 704), True), ((2, 3, 256), False), ((16, 2752), False)]
-    return [make_case("silu_and_mul", dtype, small=small, shape=shape) for dtype in DTYPES for shape, small in shapes]
+    return [
+        make_case("silu_and_mul", dtype, small=small, shape=shape)
+        for dtype in DTYPES
+        for shape, small in shapes
+    ]
 
 
 def _check_silu(case: Case, backend: Any, reference: Any, chk: Checker) -> None:
@@ -230,8 +241,17 @@ def _build_attention() -> list[Case]:
     ]
     return [
         make_case(
-            "attention", dtype, small=small, label=label,
-            B=len(_SEQS[seqs]), hq=hq, hkv=hkv, d=d, bs=bs, win=win, _seqs=tuple(_SEQS[seqs]),
+            "attention",
+            dtype,
+            small=small,
+            label=label,
+            B=len(_SEQS[seqs]),
+            hq=hq,
+            hkv=hkv,
+            d=d,
+            bs=bs,
+            win=win,
+            _seqs=tuple(_SEQS[seqs]),
         )
         for dtype in DTYPES
         for hq, hkv, d, bs, win, seqs, label, small in configs
@@ -243,7 +263,14 @@ def _check_attention(case: Case, backend: Any, reference: Any, chk: Checker) -> 
     batch = gen_inputs.paged_batch(
         generator(case.seed), list(p["_seqs"]), p["hq"], p["hkv"], p["d"], p["bs"], case.dtype, p["win"]
     )
-    data = {"q": batch.q, "k": batch.k, "v": batch.v, "kc": batch.k_cache, "vc": batch.v_cache, "md": batch.metadata}
+    data = {
+        "q": batch.q,
+        "k": batch.k,
+        "v": batch.v,
+        "kc": batch.k_cache,
+        "vc": batch.v_cache,
+        "md": batch.metadata,
+    }
 
     def call(side: Any, d: dict) -> torch.Tensor:
         return side.attention(d["q"], d["k"], d["v"], d["kc"], d["vc"], d["md"])
@@ -313,7 +340,7 @@ def _sampling_inputs(case: Case, rows: list[dict[str, Any]]) -> tuple[torch.Tens
             full.append(r)
         margins: list[float] = []
         processed = process_logits(to_numpy(logits), _metadata(full), margins)
-        for r, x in zip(full, processed):
+        for r, x in zip(full, processed, strict=True):
             if r["temperature"] == 0.0:
                 top2 = np.sort(x)[-2:]
                 margins.append(float((top2[1] - top2[0]) / max(abs(top2[1]), 1e-9)) / 1e-4)
@@ -345,7 +372,14 @@ def _metadata(rows: list[dict[str, Any]], max_num_logprobs: int = -1) -> Samplin
 
 
 def _build_processed_logits() -> list[Case]:
-    mixes = [("temperature", True), ("top_k", False), ("top_p", True), ("min_p", False), ("penalties", True), ("mixed", True)]
+    mixes = [
+        ("temperature", True),
+        ("top_k", False),
+        ("top_p", True),
+        ("min_p", False),
+        ("penalties", True),
+        ("mixed", True),
+    ]
     return [
         make_case("processed_logits", dtype, small=small, label=mix, B=len(_MIXES[mix]), V=VOCAB)
         for dtype in DTYPES
@@ -356,7 +390,9 @@ def _build_processed_logits() -> list[Case]:
 def _check_processed_logits(case: Case, backend: Any, reference: Any, chk: Checker) -> None:
     logits, rows = _sampling_inputs(case, _MIXES[case.label])
     data = {"logits": logits, "md": _metadata(rows)}
-    (out, mine), (ref, _) = _both(backend, reference, lambda side, d: side.processed_logits(d["logits"], d["md"]), data)
+    (out, mine), (ref, _) = _both(
+        backend, reference, lambda side, d: side.processed_logits(d["logits"], d["md"]), data
+    )
     if out.dtype != torch.float32:
         chk.fail(f"processed_logits must return float32, got {out.dtype}")
     chk.close("processed", out, ref)
@@ -395,30 +431,48 @@ def _check_sample(case: Case, backend: Any, reference: Any, chk: Checker) -> Non
         return
     # Random rows: the draw is the backend's own, so check what the contract promises of it.
     random_rows = (~greedy).nonzero().flatten().tolist()
-    processed = to_numpy(reference.processed_logits(*to_device((logits, _metadata(rows)), reference.device())))
+    processed = to_numpy(
+        reference.processed_logits(*to_device((logits, _metadata(rows)), reference.device()))
+    )
     for i in random_rows:
         if not np.isfinite(processed[i, int(tokens[i])]):
             chk.fail(f"row {i} drew token {int(tokens[i])}, which the reference's processing removed")
-    again = backend.sample(*to_device((logits, _metadata(rows, k)), backend.device())).sampled_token_ids.to("cpu")
+    again = backend.sample(*to_device((logits, _metadata(rows, k)), backend.device())).sampled_token_ids.to(
+        "cpu"
+    )
     chk.exact("same seed and step twice -> same tokens", again, tokens)
     for i in random_rows:
         alone = backend.sample(*to_device((logits[i : i + 1], _metadata(rows[i : i + 1])), backend.device()))
-        chk.exact(f"row {i} alone == row {i} in the batch", alone.sampled_token_ids.to("cpu"), tokens[i : i + 1])
+        chk.exact(
+            f"row {i} alone == row {i} in the batch", alone.sampled_token_ids.to("cpu"), tokens[i : i + 1]
+        )
 
 
 # ---------------------------------------------------------------------------------- registration
 
-register_kind("rms_norm", _build_rms_norm, _check_rms_norm, description="RMSNorm, with and without fused residual")
-register_kind("rotary_embedding", _build_rotary, _check_rotary, description="RoPE, neox and gptj, partial rot_dim")
+register_kind(
+    "rms_norm", _build_rms_norm, _check_rms_norm, description="RMSNorm, with and without fused residual"
+)
+register_kind(
+    "rotary_embedding", _build_rotary, _check_rotary, description="RoPE, neox and gptj, partial rot_dim"
+)
 register_kind("silu_and_mul", _build_silu, _check_silu, description="SwiGLU gate")
 register_kind("gelu_and_mul", _build_gelu, _check_gelu, description="GeGLU gate, erf and tanh")
 register_kind(
-    "reshape_and_cache", _build_reshape_and_cache, _check_reshape_and_cache,
+    "reshape_and_cache",
+    _build_reshape_and_cache,
+    _check_reshape_and_cache,
     description="paged KV write, exact, sentinel slots untouched",
 )
-register_kind("attention", _build_attention, _check_attention, description="paged causal attention, mixed batches")
 register_kind(
-    "processed_logits", _build_processed_logits, _check_processed_logits,
+    "attention", _build_attention, _check_attention, description="paged causal attention, mixed batches"
+)
+register_kind(
+    "processed_logits",
+    _build_processed_logits,
+    _check_processed_logits,
     description="penalties, temperature, top-k, top-p, min-p",
 )
-register_kind("sample", _build_sample, _check_sample, description="greedy tokens, logprobs, seeded reproducibility")
+register_kind(
+    "sample", _build_sample, _check_sample, description="greedy tokens, logprobs, seeded reproducibility"
+)

@@ -36,14 +36,23 @@ def _build_graph_replay() -> list[Case]:
 
 
 def _decode_step(
-    backend: Any, k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin: torch.Tensor, weight: torch.Tensor,
+    backend: Any,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos_sin: torch.Tensor,
+    weight: torch.Tensor,
     max_seq_len: int,
 ) -> Callable[..., torch.Tensor]:
     """One decode step of a toy layer, written only with backend ops (what the engine captures)."""
 
     def step(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-        seq_lens: torch.Tensor, block_tables: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
     ) -> torch.Tensor:
         b = q.shape[0]
         q, k = backend.rotary_embedding(positions, q, k, cos_sin, True)
@@ -70,7 +79,9 @@ def _check_graph_replay(case: Case, backend: Any, reference: Any, chk: Checker) 
     width = 4  # blocks per sequence in the table
     num_blocks = b * width + 1
     prefixes = [5, 16, 31][:b]  # the first decode lands mid-block, on a border, at a block's end
-    tables = (1 + torch.randperm(num_blocks - 1, generator=gen)[: b * width]).reshape(b, width).to(torch.int32)
+    tables = (
+        (1 + torch.randperm(num_blocks - 1, generator=gen)[: b * width]).reshape(b, width).to(torch.int32)
+    )
     cache_shape = (num_blocks, bs, hkv, d)
     k_cache, v_cache = randn(gen, cache_shape, dtype), randn(gen, cache_shape, dtype)
     cos_sin = cos_sin_cache(width * bs, d)
@@ -79,15 +90,17 @@ def _check_graph_replay(case: Case, backend: Any, reference: Any, chk: Checker) 
     for step in range(2):
         positions = torch.tensor([n + step for n in prefixes], dtype=torch.int64)
         slots = torch.stack([tables[i, positions[i] // bs].long() * bs + positions[i] % bs for i in range(b)])
-        steps.append({
-            "q": randn(gen, (b, hq, d), dtype),
-            "k": randn(gen, (b, hkv, d), dtype),
-            "v": randn(gen, (b, hkv, d), dtype),
-            "positions": positions,
-            "slot_mapping": slots,
-            "seq_lens": (positions + 1).to(torch.int32),
-            "block_tables": tables.clone(),
-        })
+        steps.append(
+            {
+                "q": randn(gen, (b, hq, d), dtype),
+                "k": randn(gen, (b, hkv, d), dtype),
+                "v": randn(gen, (b, hkv, d), dtype),
+                "positions": positions,
+                "slot_mapping": slots,
+                "seq_lens": (positions + 1).to(torch.int32),
+                "block_tables": tables.clone(),
+            }
+        )
     dev = backend.device()
     # Two independent copies of the caches: one for eager calls, one owned by the graph.
     eager_kc, eager_vc = to_device(k_cache, dev), to_device(v_cache, dev)
@@ -177,10 +190,16 @@ def _check_xtensor(case: Case, backend: Any, reference: Any, chk: Checker) -> No
 
 
 register_kind(
-    "graph_replay", _build_graph_replay, _check_graph_replay, uses_reference=False,
+    "graph_replay",
+    _build_graph_replay,
+    _check_graph_replay,
+    uses_reference=False,
     description="captured decode step replayed for a padded batch vs eager",
 )
 register_kind(
-    "xtensor", _build_xtensor, _check_xtensor, uses_reference=False,
+    "xtensor",
+    _build_xtensor,
+    _check_xtensor,
+    uses_reference=False,
     description="virtual-memory page map/unmap semantics",
 )
