@@ -153,14 +153,14 @@ def rotary_embedding(
     cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, T, 1, rot]: BSND with B=1
     mode = "half" if neox_style else "interleave"
     for x in (q, k):
-        part = x[..., :rot_dim].to(torch.float32).unsqueeze(0)  # float32 product, as the HAL asks
+        part = x[..., :rot_dim].to(torch.float32).contiguous().unsqueeze(0)  # float32, as the HAL asks
         rotated = npu.npu_rotary_mul(part, cos, sin, rotary_mode=mode)
         x[..., :rot_dim].copy_(rotated.squeeze(0))
     return q, k
 
 
 def silu_and_mul(npu: ModuleType, x: torch.Tensor) -> torch.Tensor:
-    return npu.npu_swiglu(x, dim=-1)
+    return npu.npu_swiglu(x.contiguous(), dim=-1)  # fused ops take contiguous ND tensors
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
