@@ -6,6 +6,7 @@ unknown and unavailable backends with exit status 2 and a one-line reason.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -253,6 +254,26 @@ def test_nan_fails_before_the_norm() -> None:
 
     report = run_suite(NanSilu(), NumpyReference(), build_cases("small", filters=["silu_and_mul"]))
     assert all(r.status == Status.FAIL and "NaN" in r.detail for r in report.results)
+
+
+def test_a_sampler_that_is_not_random_fails_the_seeded_cases() -> None:
+    from xllm.backends.cpu.backend import CpuBackend
+
+    class ArgmaxSampler(CpuBackend):
+        """Reproducible, in-support, batch-invariant... and never random."""
+
+        name = "argmax-sampler"
+
+        def _sample(self, logits, sampling):
+            greedy = dataclasses.replace(
+                sampling, temperature=torch.zeros_like(sampling.temperature), all_greedy=True
+            )
+            return super()._sample(logits, greedy)
+
+    report = run_suite(ArgmaxSampler(), NumpyReference(), build_cases(filters=["sample("]))
+    failed = {r.name for r in report.results if r.status == Status.FAIL}
+    assert failed == {r.name for r in report.results if "seeded" in r.name}
+    assert all("not random" in r.detail for r in report.results if r.name in failed)
 
 
 # ---------------------------------------------------------------------------------- CLI

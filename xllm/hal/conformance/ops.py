@@ -416,7 +416,7 @@ def _check_sample(case: Case, backend: Any, reference: Any, chk: Checker) -> Non
     tokens = out.sampled_token_ids.to("cpu")
     greedy = torch.tensor([r["temperature"] == 0.0 for r in rows])
     # Greedy rows: the same token as the reference, exactly.
-    chk.exact("greedy tokens", tokens[greedy], ref.sampled_token_ids[greedy])
+    chk.exact("greedy tokens", tokens[greedy], ref.sampled_token_ids.to("cpu")[greedy])
     # Top logprobs come from the raw logits and are deterministic on both sides.
     if out.top_token_ids is None or out.top_logprobs is None or out.sampled_logprobs is None:
         chk.fail(f"max_num_logprobs={k} but the backend returned no logprobs")
@@ -446,6 +446,20 @@ def _check_sample(case: Case, backend: Any, reference: Any, chk: Checker) -> Non
         chk.exact(
             f"row {i} alone == row {i} in the batch", alone.sampled_token_ids.to("cpu"), tokens[i : i + 1]
         )
+    # Reproducible must not mean constant: one request over 32 steps at a flat temperature draws
+    # more than one token (a sampler that took the argmax would pass every check above). With these
+    # logits the top token's probability is about 0.06, so 32 equal draws cannot be a fluke.
+    steps = 32
+    row = {**rows[random_rows[0]], "temperature": 2.0, "top_k": 20, "top_p": 1.0, "min_p": 0.0}
+    many = [{**row, "step": s} for s in range(steps)]
+    many_logits = logits[random_rows[0] : random_rows[0] + 1].expand(steps, -1).contiguous()
+    draws = backend.sample(*to_device((many_logits, _metadata(many)), backend.device())).sampled_token_ids
+    allowed = np.isfinite(process_logits(to_numpy(many_logits[:1]), _metadata(many[:1]))[0])
+    draws = draws.to("cpu").tolist()
+    if len(set(draws)) < 2:
+        chk.fail(f"32 steps of one seeded request all drew token {draws[0]}: the sampler is not random")
+    if not all(allowed[t] for t in draws):
+        chk.fail("a draw at top_k=20 fell outside the 20 most likely tokens")
 
 
 # ---------------------------------------------------------------------------------- registration
