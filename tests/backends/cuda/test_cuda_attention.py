@@ -76,7 +76,7 @@ def _reference(q, kc, vc, md):
     return out
 
 
-def _check(backend, q, k, kc, vc, md, dtype, **kw):
+def _check(backend, q, k, kc, vc, md, dtype, cpu=None, **kw):
     if kw:
         from xllm.backends.cuda.kernels.attention import paged_attention
 
@@ -100,18 +100,20 @@ def _check(backend, q, k, kc, vc, md, dtype, **kw):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    if cpu is not None:  # and the CPU reference backend agrees on the same batch
+        torch.testing.assert_close(got, cpu.attention(q, k, k, kc, vc, md), rtol=tol, atol=tol)
     return got
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batch_many_query_blocks_gqa3_head80(backend, dtype):
+def test_mixed_batch_many_query_blocks_gqa3_head80(backend, cpu, dtype):
     # 40- and 23-token chunks span many 4-token query blocks (group 3 -> BLOCK_Q 5 of 16 rows).
     seqs = [(0, 40), (5, 1), (9, 23), (31, 1), (16, 2)]
-    _check(backend, *_batch(seqs, hq=6, hkv=2, d=80, bs=16, dtype=dtype), dtype)
+    _check(backend, *_batch(seqs, hq=6, hkv=2, d=80, bs=16, dtype=dtype), dtype, cpu=cpu)
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_mqa_odd_block_size_sliding_window(backend, window):
+def test_mqa_odd_block_size_sliding_window(backend, cpu, window):
     seqs = [(0, 19), (30, 1), (11, 13)]
     _check(
         backend,

@@ -166,3 +166,14 @@ def test_interpreted_conformance_suite_passes(tmp_path):
     assert doc["summary"]["pass"] >= 60
     skipped = {c["op"] for c in doc["cases"] if c["status"] == "SKIP"}
     assert skipped <= {"xtensor"}  # only what interpret mode honestly lacks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NO_GPU, reason="interpret mode is the no-GPU path")
+def test_interpreted_conformance_suite_all_cases(backend, cpu):
+    """Every conformance case (not just the small set), interpreted, against the CPU reference."""
+    from xllm.hal.conformance import Status, build_cases, run_suite
+
+    report = run_suite(backend, cpu, build_cases("all"))
+    assert report.ok, [f"{r.name}: {r.detail}" for r in report.failed()]
+    assert {r.op for r in report.results if r.status is Status.SKIP} <= {"xtensor"}
