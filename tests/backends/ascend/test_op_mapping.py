@@ -264,3 +264,23 @@ def test_conformance_op_cases_pass_under_documented_semantics(split):
         f"{r.name}: {r.status.value} {r.detail[:200]}" for r in report.results if r.status.value != "PASS"
     ]
     assert not failed, "\n".join(failed)
+
+
+def test_fia_arguments_are_planned_once_per_step(backend, monkeypatch):
+    """Every layer of a step shares the metadata: the host read and FIA planning happen once."""
+    planned = []
+    original = AscendBackend._plan_fia_calls
+
+    def counting(md, key):
+        planned.append(key)
+        return original(md, key)
+
+    monkeypatch.setattr(AscendBackend, "_plan_fia_calls", staticmethod(counting))
+    q, kc, vc, md, *_ = mixed_batch(torch.bfloat16)
+    kv = torch.zeros(q.shape[0], kc.shape[2], kc.shape[3], dtype=torch.bfloat16)
+    for _layer in range(3):
+        backend.attention(q, kv, kv, kc, vc, md)
+    assert len(planned) == 1
+    md.seq_lens.copy_(md.seq_lens)  # the next step rewrites the (static) metadata buffers
+    backend.attention(q, kv, kv, kc, vc, md)
+    assert len(planned) == 2

@@ -29,6 +29,8 @@ from xllm.backends.ascend.runtime import (
     npu_namespace,
 )
 from xllm.backends.ascend.translation import (
+    FiaArgs,
+    SamplingPlan,
     cache_write_plan,
     fia_args,
     sampling_plan,
@@ -103,7 +105,7 @@ class AscendBackend(Backend):
         self.ns = npu_namespace(self.npu)
         self.split_mixed_batches = bool(split_mixed_batches)
         self._capturing = False  # True while NpuGraphRunner records a graph
-        self._lengths = _HostCopy()
+        self._fia_calls = _HostCopy()  # per-step FIA arguments, shared by all layers
         self._slot_plan = _HostCopy()
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._acl: AclRuntime | None = None
@@ -192,36 +194,61 @@ class AscendBackend(Backend):
         md = metadata
         if self._capturing or q.dtype not in op_mapping.FUSED_DTYPES:
             return op_mapping.torch_attention(q, k_cache, v_cache, md)
-        qsl, seq_lens = self._lengths.get(
-            [md.query_start_loc, md.seq_lens], lambda: (md.query_start_loc.tolist(), md.seq_lens.tolist())
+        num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        shape_key = (
+            q.shape[1],
+            num_kv_heads,
+            block_size,
+            md.scale,
+            md.sliding_window,
+            self.split_mixed_batches,
+        )
+        calls = self._fia_calls.get(
+            [md.query_start_loc, md.seq_lens], lambda: self._plan_fia_calls(md, shape_key), extra=shape_key
         )
         tables = md.block_tables.to(torch.int32)
         mask = self._causal_mask(q.device)
-        common = dict(
-            num_heads=q.shape[1],
-            num_kv_heads=k_cache.shape[2],
-            scale=md.scale,
-            block_size=k_cache.shape[1],
-            sliding_window=md.sliding_window,
-        )
-        if not self.split_mixed_batches:
-            args = fia_args(qsl, seq_lens, **common)
-            return op_mapping.fused_attention(self.npu, q, k_cache, v_cache, tables, mask, args)
+        if len(calls) == 1:
+            return op_mapping.fused_attention(self.npu, q, k_cache, v_cache, tables, mask, calls[0][2])
         out = torch.empty_like(q)
-        for part in split_by_kind(qsl, seq_lens):
-            rows = slice(part.seq_rows[0], part.seq_rows[-1] + 1)
-            args = fia_args(part.query_start_loc, part.seq_lens, **common)
-            out[part.token_start : part.token_end] = op_mapping.fused_attention(
-                self.npu, q[part.token_start : part.token_end], k_cache, v_cache, tables[rows], mask, args
+        for tokens, rows, args in calls:
+            out[tokens] = op_mapping.fused_attention(
+                self.npu, q[tokens], k_cache, v_cache, tables[rows], mask, args
             )
         return out
+
+    @staticmethod
+    def _plan_fia_calls(
+        md: AttentionMetadata, shape_key: tuple[Any, ...]
+    ) -> list[tuple[slice, slice, FiaArgs]]:
+        """(token slice, sequence slice, FIA arguments) per operator call; one host read of the
+        lengths per step, shared by every layer through `_HostCopy`."""
+        num_heads, num_kv_heads, block_size, scale, window, split = shape_key
+        qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+        common = dict(
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            scale=scale,
+            block_size=block_size,
+            sliding_window=window,
+        )
+        if not split:
+            return [(slice(0, qsl[-1]), slice(0, len(seq_lens)), fia_args(qsl, seq_lens, **common))]
+        return [
+            (
+                slice(part.token_start, part.token_end),
+                slice(part.seq_rows[0], part.seq_rows[-1] + 1),
+                fia_args(part.query_start_loc, part.seq_lens, **common),
+            )
+            for part in split_by_kind(qsl, seq_lens)
+        ]
 
     def _causal_mask(self, device: torch.device) -> torch.Tensor:
         if device not in self._masks:
             self._masks[device] = op_mapping.causal_mask(device)
         return self._masks[device]
 
-    def _plan(self, logits: torch.Tensor, sampling: SamplingMetadata):
+    def _plan(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SamplingPlan:
         return sampling_plan(
             sampling.temperature,
             sampling.seeds,
