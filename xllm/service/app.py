@@ -16,11 +16,11 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,6 +42,7 @@ from xllm.service.protocol import (
 )
 from xllm.service.serving import RequestContext, Serving, new_request_id
 
+T = TypeVar("T")
 logger = logging.getLogger("xllm.service")
 access_logger = logging.getLogger("xllm.access")
 
@@ -126,6 +127,41 @@ class ServerState:
             grace = time.monotonic() + 2.0
             while self.in_flight and time.monotonic() < grace:
                 await asyncio.sleep(0.05)
+
+
+# What the access log records for a client that left before its answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client goes away.
+
+    Starlette notices a disconnect only while it streams a response; a non-streaming request
+    (or a stream still waiting for its first token) would otherwise run to the end for nobody.
+    Returns None when the client disconnected first.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return None
 
 
 def default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
@@ -289,7 +325,9 @@ def create_app(
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
-        result = await serving().completions(body, ctx)
+        result = await until_disconnected(request, serving().completions(body, ctx))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(result, CompletionResponse):
             return JSONResponse(dump(result))
         return StreamingResponse(
@@ -299,7 +337,9 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
-        result = await serving().chat(body, ctx)
+        result = await until_disconnected(request, serving().chat(body, ctx))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(result, ChatCompletionResponse):
             return JSONResponse(dump(result))
         return StreamingResponse(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 # Token ids are checked against the vocabulary later (the model is not known here); these bounds
 # only keep absurd values out of the OpenAPI schema and the tokenizer.
@@ -225,6 +225,11 @@ class ChatCompletionStreamChoice(OpenAIBaseModel):
     delta: DeltaMessage
     logprobs: ChatChoiceLogProbs | None = None
     finish_reason: str | None = None
+
+    @field_serializer("delta")
+    def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, Any]:
+        # OpenAI sends only the fields a delta carries ({"content": "..."}), not "role": null.
+        return delta.model_dump(exclude_none=True)
 
 
 class ChatCompletionChunk(OpenAIBaseModel):
