@@ -102,6 +102,31 @@ def run_transformers(model_path: str, prompts: list[list[int]], outputs: list[in
     return SideResult(elapsed, useful, useful + sum(len(p) for p in prompts))
 
 
+def model_weight_bytes(model) -> int:
+    """Bytes a decode step must read: every distinct weight tensor of the model once."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def visit(obj, depth: int = 0) -> None:
+        if depth > 4:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and obj.dim() >= 1:
+                seen[obj.data_ptr()] = obj.numel() * obj.element_size()
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, depth + 1)
+        elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+            for name in list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ())):
+                if name in ("backend", "cos_sin_cache", "config"):
+                    continue
+                visit(getattr(obj, name, None), depth + 1)
+
+    visit(model)
+    return sum(seen.values())
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 29) -> float:
     """Bytes per second that a full read of a large tensor achieves (best of several runs)."""
     import torch
@@ -171,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ratio xllm / transformers (output tokens/s): {ratio:.2f}x")
 
     if not args.skip_decode_floor:
-        weight_bytes = llm.engine.model.weight_bytes()
+        weight_bytes = model_weight_bytes(llm.engine.model)
         bandwidth = measure_read_bandwidth()
         floor_s = weight_bytes / bandwidth
         step_s = measure_decode_step(llm, vocab)

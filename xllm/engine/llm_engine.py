@@ -72,7 +72,7 @@ class LLMEngine:
 
         mc = self.model_config
         self.block_size = config.block_size
-        kv_dtype = next(iter(p for p in _model_tensors(self.model)), torch.empty(0)).dtype
+        kv_dtype = self.model.dtype
         bytes_per_block = 2 * mc.num_layers * config.block_size * mc.num_kv_heads * mc.head_dim * kv_dtype.itemsize
         max_len = config.max_model_len or mc.max_position_embeddings
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
@@ -383,10 +383,3 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return {int(i) for i in ids}
 
-
-def _model_tensors(model):
-    """The model's parameters (to read its dtype), whether or not it is an nn.Module."""
-    if isinstance(model, torch.nn.Module):
-        return (p for p in model.parameters() if p.is_floating_point())
-    dtype = getattr(model, "dtype", None)
-    return iter([torch.empty(0, dtype=dtype)]) if dtype is not None else iter([])

@@ -73,9 +73,17 @@ class GraphRunner(ABC):
         """Captures every bucket, largest first (so a shared memory pool is sized once)."""
         for size in reversed(self.capture_sizes):
             if size not in self._captured:
-                views = {name: buf[:size] for name, buf in self.static_inputs.items()}
-                self._capture(size, self.fn, views)
-                self._captured.add(size)
+                self._capture_bucket(size)
+
+    def _capture_bucket(self, size: int) -> None:
+        # Capturing executes `fn` (warm-up runs, or the eager run on the CPU). Whatever the
+        # buffers held would be fed through it, and a stale slot mapping would write K/V into
+        # blocks that now belong to other sequences, so every row is a harmless pad row first.
+        for name, buf in self.static_inputs.items():
+            buf[:size].fill_(self.input_specs[name].pad_value)
+        views = {name: buf[:size] for name, buf in self.static_inputs.items()}
+        self._capture(size, self.fn, views)
+        self._captured.add(size)
 
     def run(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Replays the bucket that fits this batch and returns the batch's output rows.
@@ -91,18 +99,19 @@ class GraphRunner(ABC):
         size = self.bucket_for(batch_size)
         if size is None:
             raise ValueError(f"batch of {batch_size} exceeds the largest capture size {self.max_capture_size}")
-        if size not in self._captured:
-            # Capture on first use; engines on real graph backends capture everything up front
-            # with `capture()` so serving never pays for it.
-            self._capture(size, self.fn, {name: buf[:size] for name, buf in self.static_inputs.items()})
-            self._captured.add(size)
         for name, tensor in inputs.items():
-            buf = self.static_inputs[name]
             spec = self.input_specs[name]
             if tuple(tensor.shape[1:]) != spec.trailing_shape:
                 raise ValueError(
                     f"graph input {name!r} has trailing shape {tuple(tensor.shape[1:])}, expected {spec.trailing_shape}"
                 )
+        if size not in self._captured:
+            # Capture on first use; engines on real graph backends capture everything up front
+            # with `capture()` so serving never pays for it.
+            self._capture_bucket(size)
+        for name, tensor in inputs.items():
+            buf = self.static_inputs[name]
+            spec = self.input_specs[name]
             buf[:batch_size].copy_(tensor, non_blocking=True)
             if size > batch_size:
                 buf[batch_size:size].fill_(spec.pad_value)
