@@ -122,6 +122,11 @@ class FakeAsyncLLM:
     _aborted: set[str] = field(default_factory=set)
     _running: set[str] = field(default_factory=set)
     shut_down: bool = False
+    generation_defaults: dict = field(default_factory=dict)
+    last_params: FakeSamplingParams | None = None
+
+    def default_sampling_params(self) -> FakeSamplingParams:
+        return FakeSamplingParams(**self.generation_defaults)
 
     @property
     def config(self) -> FakeEngineConfig:
@@ -138,6 +143,7 @@ class FakeAsyncLLM:
 
     async def generate(self, prompt: Any, params: FakeSamplingParams, request_id: str, priority: int = 0):
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+        self.last_params = params
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt of {len(ids)} tokens is longer than {self.max_model_len}")
         s = self._stats

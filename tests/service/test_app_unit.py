@@ -295,3 +295,14 @@ async def test_internal_error_is_generic(monkeypatch: pytest.MonkeyPatch) -> Non
         err = assert_openai_error(r, 500)
         assert "secret" not in r.text and "Traceback" not in r.text
         assert err["type"] == "server_error"
+
+
+async def test_model_generation_defaults_apply_when_unset() -> None:
+    engine = FakeAsyncLLM(generation_defaults={"temperature": 0.3, "top_p": 0.8})
+    async for c, _ in make_client(engine):
+        await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert (engine.last_params.temperature, engine.last_params.top_p) == (0.3, 0.8)
+        await c.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 1, "temperature": 1.0, "top_p": 1.0}
+        )
+        assert (engine.last_params.temperature, engine.last_params.top_p) == (1.0, 1.0)

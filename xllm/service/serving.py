@@ -122,6 +122,17 @@ class Serving:
         self.admission = AdmissionTracker()
         self.max_model_len = int(engine.max_model_len)
         self.vocab_size = self._vocab_size(engine)
+        self.model_defaults = self._model_defaults(engine)
+
+    @staticmethod
+    def _model_defaults(engine: Any) -> dict[str, Any]:
+        """The sampling defaults of the model's generation_config.json, when the engine has them."""
+        get = getattr(engine, "default_sampling_params", None)
+        if not callable(get):
+            return {}
+        defaults = get()
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return {k: getattr(defaults, k) for k in keys if getattr(defaults, k, None) is not None}
 
     @staticmethod
     def _vocab_size(engine: Any) -> int:
@@ -198,22 +209,26 @@ class Serving:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(required, optional) SamplingParams keywords; see `make_sampling_params`."""
         required: dict[str, Any] = {"max_tokens": max_tokens}
-        optional: dict[str, Any] = {"temperature": 1.0 if req.temperature is None else req.temperature}
+        # Fields the request leaves unset take the model's generation_config defaults (as vLLM).
+        optional: dict[str, Any] = {"temperature": 1.0, **self.model_defaults}
+        if req.temperature is not None:
+            optional["temperature"] = req.temperature
         if n > 1:
             required["n"] = n
-        if req.top_p is not None and req.top_p != 1.0:
-            required["top_p"] = req.top_p
-        for key in ("top_k", "min_p", "repetition_penalty", "seed", "stop_token_ids"):
+        # A value equal to "disabled" (top_p 1, top_k 0/-1, min_p 0, repetition_penalty 1) overrides
+        # the model's default but need not be supported; anything else must be.
+        neutral = {"top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,), "repetition_penalty": (1.0,)}
+        for key, off in neutral.items():
             value = getattr(req, key)
-            if value is not None:
+            if value is None:
+                continue
+            optional[key] = value
+            if value not in off:
                 required[key] = value
-        if req.top_k in (-1, 0):  # "disabled" in vLLM's convention; drop rather than require support
-            required.pop("top_k", None)
-            optional["top_k"] = req.top_k
-        if req.repetition_penalty == 1.0:
-            required.pop("repetition_penalty")
-        if not req.stop_token_ids:
-            required.pop("stop_token_ids", None)
+        if req.seed is not None:
+            required["seed"] = req.seed
+        if req.stop_token_ids:
+            required["stop_token_ids"] = req.stop_token_ids
         for key in ("presence_penalty", "frequency_penalty"):
             value = getattr(req, key)
             if value:
