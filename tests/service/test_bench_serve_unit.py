@@ -56,3 +56,11 @@ def test_compute_metrics() -> None:
 def test_compute_metrics_all_failed() -> None:
     m = compute_metrics([RequestResult(False)], 1.0, {})
     assert m["completed"] == 0 and m["mean_ttft_ms"] == 0.0
+
+
+def test_random_prompt_sized_by_tokenizer() -> None:
+    from fake_async_llm import FakeTokenizer  # one token per character
+
+    tok = FakeTokenizer()
+    prompt = random_prompt(random.Random(2), 20, tok)
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) == 20

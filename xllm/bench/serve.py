@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     p.add_argument("--input-len", type=int, default=128, help="approximate prompt length in tokens")
     p.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory to size prompts exactly (default: about one token per word)",
+    )
     p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="completions")
     p.add_argument(
@@ -90,8 +95,16 @@ def parse_slo(text: str | None) -> dict[str, float]:
     return slo
 
 
-def random_prompt(rng: random.Random, num_tokens: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(max(1, num_tokens)))
+def random_prompt(rng: random.Random, num_tokens: int, tokenizer: Any = None) -> str:
+    """Random words: `num_tokens` of them, or, with a tokenizer, as many as fit in `num_tokens` tokens."""
+    words = [rng.choice(_WORDS) for _ in range(max(1, num_tokens))]
+    if tokenizer is None:
+        return " ".join(words)
+    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    while len(ids) < num_tokens:  # words that split into several tokens leave fewer than asked
+        words += [rng.choice(_WORDS) for _ in range(num_tokens - len(ids))]
+        ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:num_tokens])
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -259,7 +272,12 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[
     )
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
         model = args.model or await _resolve_model(client, base_url, headers)
-        prompts = [random_prompt(rng, args.input_len) for _ in range(args.num_prompts)]
+        tokenizer = None
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        prompts = [random_prompt(rng, args.input_len, tokenizer) for _ in range(args.num_prompts)]
         semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         bar = tqdm(total=args.num_prompts, disable=args.no_progress, desc="requests")
 

@@ -128,6 +128,9 @@ class EngineStatsCollector(Collector):
         )
         yield counter("xllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
         yield counter("xllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
+        preemptions = getattr(s, "num_preemptions", None)
+        if preemptions is not None:
+            yield counter("xllm:num_preemptions", "Requests preempted to free KV-cache blocks.", preemptions)
 
 
 class ServiceMetrics:
