@@ -285,6 +285,31 @@ def choose_num_splits(
     return max(1, min(MAX_SPLITS, math.ceil(target / programs), max_seq_len // MIN_KEYS_PER_SPLIT))
 
 
+def attention_tiles(
+    head_dim: int, group: int, max_query_len: int, dtype: torch.dtype, interpret: bool
+) -> tuple[int, int, int, int, int]:
+    """(HEAD_PAD, BLOCK_M, BLOCK_Q, TILE_N, num_stages) for a launch, in one place so that the
+    compile test (tests/backends/cuda/compile_kernels.py) builds exactly what launches."""
+    head_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dim >= 16
+    # Tile sizes. Rows per program: enough query tokens to fill 64 rows with the group, at
+    # least 16 (tl.dot's minimum). Keys per iteration: 64. Under the interpreter each program
+    # costs NumPy calls rather than SM time, so tiles stay small. float32 tiles take twice the
+    # shared memory of 16-bit ones (~115 KB at 64x64x128 with the pipeline), more than the ~99 KB
+    # of sm_86/sm_89 parts, so they are halved, as are tiles of 256-wide heads; float32 with
+    # 256-wide heads halves again and pipelines 2 deep. compile_kernels.py checks the budget.
+    wide = head_pad >= 256 or dtype == torch.float32
+    widest = head_pad >= 256 and dtype == torch.float32
+    rows = 16 if interpret or widest else (32 if wide else 64)
+    block_m = max(16, triton.next_power_of_2(group), rows if max_query_len > 1 else 16)
+    block_q = max(1, block_m // group)
+    if max_query_len == 1:
+        block_q = 1
+        block_m = max(16, triton.next_power_of_2(group))
+    tile_n = 16 if widest else (32 if interpret or wide else 64)
+    num_stages = 2 if widest else 3
+    return head_pad, block_m, block_q, tile_n, num_stages
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -319,18 +344,9 @@ def paged_attention(
     if num_tokens == 0:
         return out
 
-    head_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dim >= 16
-    # Rows per program: enough query tokens to fill 64 rows with the group (fewer under the
-    # interpreter, where each program costs NumPy calls, not SM time); at least 16 for tl.dot.
-    rows = 16 if interpret else 64
-    block_m = max(16, triton.next_power_of_2(group), rows if max_query_len > 1 else 16)
-    block_q = max(1, block_m // group)
-    if max_query_len == 1:
-        block_q = 1
-        block_m = max(16, triton.next_power_of_2(group))
-    tile_n = 32 if interpret else 64
-    if head_pad >= 256 and not interpret:
-        tile_n = 32  # keep K/V tiles in registers for very wide heads
+    head_pad, block_m, block_q, tile_n, num_stages = attention_tiles(
+        head_dim, group, max_query_len, q.dtype, interpret
+    )
 
     one_block = max_query_len <= block_q
     num_q_blocks = num_seqs if one_block else num_tokens // block_q + num_seqs
@@ -387,6 +403,7 @@ def paged_attention(
         UPCAST=interpret,
         IEEE=q.dtype == torch.float32,
         CAUSAL_BORDER_BUG=causal_border_bug,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](
