@@ -21,6 +21,10 @@ from typing import ClassVar
 import torch
 
 from xllm.backends.cuda import runtime
+from xllm.backends.cuda import sampling as sampler
+from xllm.backends.cuda.comm import TorchDistCommunicator
+from xllm.backends.cuda.graphs import CudaGraphRunner, EagerGraphRunner
+from xllm.backends.cuda.streams import CudaEvent, CudaStream, HostEvent, HostStream
 from xllm.hal import (
     FLOAT_DTYPES,
     AttentionMetadata,
@@ -185,13 +189,9 @@ class CudaBackend(Backend):
         )
 
     def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
-        from xllm.backends.cuda import sampling as sampler
-
         return sampler.processed_logits(logits, sampling)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SampleOutput:
-        from xllm.backends.cuda import sampling as sampler
-
         return sampler.sample(logits, sampling)
 
     # ------------------------------------------------------------------ memory
@@ -226,28 +226,20 @@ class CudaBackend(Backend):
         max_batch_size: int | None,
         device_index: int,
     ) -> GraphRunner:
-        from xllm.backends.cuda.graphs import CudaGraphRunner, EagerGraphRunner
-
         runner: type[GraphRunner] = EagerGraphRunner if self.interpret else CudaGraphRunner
         return runner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
 
     # ------------------------------------------------------------------ streams
 
     def create_stream(self, device_index: int = 0) -> Stream:
-        from xllm.backends.cuda.streams import CudaStream, HostStream
-
         if self.interpret:
             return HostStream()
         return CudaStream(torch.cuda.Stream(device=self.device(device_index)))
 
     def create_event(self, enable_timing: bool = False) -> Event:
-        from xllm.backends.cuda.streams import CudaEvent, HostEvent
-
         return HostEvent(enable_timing) if self.interpret else CudaEvent(enable_timing)
 
     def current_stream(self, device_index: int = 0) -> Stream:
-        from xllm.backends.cuda.streams import CudaStream, HostStream
-
         if self.interpret:
             return HostStream()
         return CudaStream(torch.cuda.current_stream(self.device(device_index)))
@@ -259,8 +251,6 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ comm
 
     def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        from xllm.backends.cuda.comm import TorchDistCommunicator
-
         if self.interpret:
             return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
         # One GPU per rank, the usual tensor-parallel layout within a node.
