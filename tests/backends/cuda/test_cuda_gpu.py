@@ -35,8 +35,15 @@ def test_conformance_suite_on_gpu(gpu_backend, cpu):
 
     report = run_suite(gpu_backend, cpu, build_cases("all"))
     assert report.ok, [f"{r.name}: {r.detail}" for r in report.failed()]
-    skipped = [r.name for r in report.results if r.status is Status.SKIP]
-    assert not skipped, skipped
+    skipped = {r.op for r in report.results if r.status is Status.SKIP}
+    try:
+        from xllm.backends.cuda.memory import load_driver
+
+        load_driver()
+        allowed: set[str] = set()
+    except ImportError:  # xTensor needs cuda-python; everything else must run
+        allowed = {"xtensor"}
+    assert skipped <= allowed, skipped
 
 
 def test_split_kv_is_chosen_and_correct_for_a_long_decode(gpu_backend, cpu):
