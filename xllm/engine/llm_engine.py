@@ -310,9 +310,10 @@ class LLMEngine:
         if seq.logprobs is not None and sampled.logprobs is not None:
             seq.logprobs.append(sampled.logprobs)
         params = seq.params
-        stop_str = seq.detokenizer.add_token(token)
-        seq.text = seq.detokenizer.text
         n_out = seq.num_output_tokens
+        # Before min_tokens no stop condition applies, so a stop string must not cut the text either.
+        stop_str = seq.detokenizer.add_token(token, check_stop=n_out >= params.min_tokens)
+        seq.text = seq.detokenizer.text
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(seq, "stop")
@@ -326,6 +327,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        if not isinstance(stop_reason, str):  # a stop string cut the text; otherwise it is all there
+            seq.detokenizer.flush()
+            seq.text = seq.detokenizer.text
         if seq.status is not SequenceStatus.HELD:
             self.scheduler.remove(seq)
         else:
