@@ -280,10 +280,12 @@ class LLMEngine:
             if prompt_lp is not None:
                 request.add_prompt_logprobs(prompt_lp)
             if sampled is not None:
-                self._append_token(seq, sampled, now)
-                touched[request.request_id] = request
+                # Fork before appending: the first token may already finish sample 0 and free
+                # the prompt blocks that its siblings are to share.
                 if seq.index == 0 and len(request.seqs) > 1 and request.seqs[1].status is SequenceStatus.HELD:
                     self._fork_siblings(seq)
+                self._append_token(seq, sampled, now)
+                touched[request.request_id] = request
         outputs = [self._make_output(r) for r in touched.values()]
         for r in touched.values():
             if r.is_finished:
