@@ -91,6 +91,8 @@ class CudaBackend(Backend):
         if options:
             return f"unknown options {sorted(options)} (cuda takes 'interpret')"
         if interpret:
+            # Side effect: sets TRITON_INTERPRET=1 in os.environ if unset, because triton decides
+            # interpreted vs compiled when the kernels are defined, which must come after this.
             return runtime.enable_interpreter()
         if not torch.backends.cuda.is_built() or torch.version.cuda is None:
             return "torch was built without CUDA"

@@ -340,6 +340,10 @@ def paged_attention(
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("attention: the KV cache's head_dim must be contiguous")
+    # The kernel indexes these with unit inner strides (no-ops for the usual contiguous inputs).
+    query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
