@@ -76,6 +76,16 @@ def main() -> None:
             compile_one(
                 target, attention.paged_attention_kernel, att_types, consts, max_shared, num_stages=stages
             )
+            if head_dim == 80:  # int64 metadata (the contract allows either index width)
+                i64 = {n: "*i64" for n in ("query_start_loc_ptr", "seq_lens_ptr", "block_tables_ptr")}
+                compile_one(
+                    target,
+                    attention.paged_attention_kernel,
+                    {**att_types, **i64},
+                    {**consts, "ONE_BLOCK_PER_SEQ": False},
+                    max_shared,
+                    num_stages=stages,
+                )
         compile_one(
             target,
             attention._combine_splits_kernel,

@@ -132,6 +132,21 @@ def test_split_kv_decode_matches_single_pass(backend, window):
     torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-6)
 
 
+def test_int64_metadata(backend):
+    """The contract allows int32 or int64 index tensors; the kernel must take either."""
+    q, k, kc, vc, md = _batch([(0, 9), (20, 1), (5, 4)], hq=4, hkv=2, d=16, bs=8, dtype=torch.float32, seed=4)
+    want = backend.attention(q, k, k, kc, vc, md)
+    md.query_start_loc, md.seq_lens, md.block_tables = (
+        md.query_start_loc.long(),
+        md.seq_lens.long(),
+        md.block_tables.long(),
+    )
+    torch.testing.assert_close(backend.attention(q, k, k, kc, vc, md), want, rtol=0, atol=0)
+    positions = torch.arange(q.shape[0], dtype=torch.int32)
+    backend.reshape_and_cache(k, k, kc, vc, md.slot_mapping.clone().fill_(-1).int())
+    backend.rotary_embedding(positions, q.clone(), k.clone(), torch.randn(32, 16), True)
+
+
 def test_split_heuristic():
     from xllm.backends.cuda.kernels.attention import choose_num_splits
 
