@@ -114,7 +114,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []  # flat token row whose logits each sampling sequence uses
         sampling_seqs: list[Sequence] = []
-        prompt_lp_rows: list[tuple[int, list[int], list[int]]] = []  # (scheduled idx, rows, target ids)
+        # (scheduled idx, rows, target ids, whether the None entry of prompt token 0 comes first)
+        prompt_lp_rows: list[tuple[int, list[int], list[int], bool]] = []
         for idx, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -128,12 +129,18 @@ class ModelRunner:
             if item.completes_context:
                 sample_rows.append(row0 + n - 1)
                 sampling_seqs.append(seq)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                # Row p's logits predict token p + 1; only prompt tokens are scored here.
+            if seq.params.prompt_logprobs is not None and seq.index == 0:
+                # Row p's logits predict token p + 1; only prompt tokens are scored here. Entry j
+                # of the request's prompt logprobs scores token j (entry 0 is None). Entries
+                # already reported, before a preemption made the prompt be recomputed, are not
+                # repeated, and the siblings of n > 1 report none: the prompt is the request's.
+                have = len(seq.request.prompt_logprobs or [])
+                first = max(start, have - 1)
                 last = min(start + n, seq.num_prompt_tokens - 1)
-                rows = [row0 + p - start for p in range(start, last)]
-                targets = seq.token_ids[start + 1 : last + 1]
-                prompt_lp_rows.append((idx, rows, targets))
+                if have == 0 or first < last:
+                    rows = [row0 + p - start for p in range(first, last)]
+                    targets = seq.token_ids[first + 1 : last + 1]
+                    prompt_lp_rows.append((idx, rows, targets, have == 0))
 
         all_single = len(input_ids) == len(scheduled)
         runner = self.graph_runner
@@ -175,7 +182,7 @@ class ModelRunner:
             )
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]) if sample_rows else None
             if prompt_lp_rows:
-                rows = [r for _, rs, _ in prompt_lp_rows for r in rs]
+                rows = [r for _, rs, _, _ in prompt_lp_rows for r in rs]
                 logits_for_prompt = (
                     self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
                     if rows
@@ -240,17 +247,18 @@ class ModelRunner:
 
     def _prompt_logprobs(self, scheduled, prompt_lp_rows, logits, out):
         if logits is None:
-            for idx, _, _ in prompt_lp_rows:
-                out[idx] = self._first_prompt_entry(scheduled[idx])
+            for idx, _, _, with_first in prompt_lp_rows:
+                out[idx] = [None] if with_first else []
             return out
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         offset = 0
-        for idx, rows, targets in prompt_lp_rows:
+        for idx, rows, targets, with_first in prompt_lp_rows:
             seq = scheduled[idx].seq
             k = seq.params.prompt_logprobs
             block = logprobs[offset : offset + len(rows)]
             offset += len(rows)
-            entries = self._first_prompt_entry(scheduled[idx])
+            # The first prompt token has no context to be predicted from: OpenAI reports None.
+            entries: list[dict[int, Logprob] | None] = [None] if with_first else []
             if rows:
                 tgt = torch.tensor(targets, dtype=torch.int64, device=block.device).view(-1, 1)
                 chosen = block.gather(1, tgt).view(-1)
@@ -265,11 +273,6 @@ class ModelRunner:
                     entries.append(entry)
             out[idx] = entries
         return out
-
-    @staticmethod
-    def _first_prompt_entry(item: ScheduledSequence) -> list[dict[int, Logprob] | None]:
-        # The first prompt token has no context to be predicted from: OpenAI reports None.
-        return [None] if item.seq.num_computed_tokens == 0 else []
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
