@@ -147,6 +147,15 @@ def test_int64_metadata(backend):
     backend.rotary_embedding(positions, q.clone(), k.clone(), torch.randn(32, 16), True)
 
 
+def test_backend_splits_a_long_decode_on_its_own(backend, cpu):
+    """Through the public op: one 600-token decode is split (interpret mode counts 8 SMs)."""
+    from xllm.backends.cuda.kernels.attention import choose_num_splits
+
+    batch = _batch([(599, 1)], hq=4, hkv=2, d=16, bs=16, dtype=torch.float32, seed=5)
+    assert choose_num_splits(1, 2, 1, 600, backend._sm_count(torch.device("cpu"))) > 1
+    _check(backend, *batch, torch.float32, cpu=cpu)
+
+
 def test_split_heuristic():
     from xllm.backends.cuda.kernels.attention import choose_num_splits
 
