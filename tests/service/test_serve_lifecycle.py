@@ -17,14 +17,13 @@ import httpx
 import pytest
 from serve_process import ServeProcess, assert_openai_error
 
-LONG = {"prompt": "Tell a long story:", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+# Long enough (seconds even on a fast CPU) that the checks below happen while it still runs.
+LONG = {"prompt": "Tell a long story:", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def server(start_server) -> ServeProcess:
-    return start_server(
-        "--max-queue", "0", "--max-num-seqs", "1", "--max-model-len", "256", "--shutdown-timeout", "60"
-    )
+    return start_server("--max-queue", "0", "--max-num-seqs", "1", "--shutdown-timeout", "60")
 
 
 def gauge(base_url: str, name: str) -> float:
@@ -56,10 +55,29 @@ async def test_429_when_queue_is_over_max_queue(server: ServeProcess) -> None:
         err = assert_openai_error(refused[0], 429)
         assert err["type"] == "rate_limit_error"
         assert int(refused[0].headers["retry-after"]) >= 1
-        assert (await running).status_code == 200
-        assert (await waiting).status_code == 200
+        running.cancel()  # hang up on the long one rather than wait for it; the server aborts it
+        await asyncio.gather(running, return_exceptions=True)
+        assert (await waiting).status_code == 200  # it waited, then ran once the first was gone
+        await asyncio.to_thread(wait_for, lambda: gauge(server.base_url, "xllm:num_requests_running") == 0)
         # Once the queue is empty again the server takes requests.
         assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
+
+
+async def test_non_streaming_client_that_gives_up_is_aborted(server: ServeProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as http:
+        running = asyncio.create_task(http.post("/v1/completions", json=LONG))
+        await asyncio.to_thread(wait_for, lambda: gauge(server.base_url, "xllm:num_requests_running") == 1)
+        # This one waits behind the running request; its client gives up while it waits.
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=1.0) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/v1/completions", json=LONG)
+        # Aborted by the server (not merely finished later): the queue empties while the first
+        # request is still running.
+        await asyncio.to_thread(wait_for, lambda: gauge(server.base_url, "xllm:num_requests_waiting") == 0, 5)
+        assert gauge(server.base_url, "xllm:num_requests_running") == 1
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await asyncio.to_thread(wait_for, lambda: gauge(server.base_url, "xllm:num_requests_running") == 0)
 
 
 def test_sigterm_drains_503_then_exits_0(server: ServeProcess) -> None:
@@ -67,7 +85,10 @@ def test_sigterm_drains_503_then_exits_0(server: ServeProcess) -> None:
 
     def stream_long() -> None:
         with httpx.stream(
-            "POST", f"{server.base_url}/v1/completions", json={**LONG, "stream": True}, timeout=120
+            "POST",
+            f"{server.base_url}/v1/completions",
+            json={**LONG, "max_tokens": 400, "stream": True},
+            timeout=120,
         ) as r:
             result["status"] = r.status_code
             result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]

@@ -194,7 +194,7 @@ async def test_50_concurrent_streams(aclient: openai.AsyncOpenAI, reference_llm)
     assert texts == expected
 
 
-async def test_disconnects_abort_and_free_blocks(server: ServeProcess) -> None:
+async def test_disconnect_mid_stream_aborts_and_frees_blocks(server: ServeProcess) -> None:
     payload = {
         "model": MODEL,
         "prompt": "A long story:",
@@ -213,17 +213,9 @@ async def test_disconnects_abort_and_free_blocks(server: ServeProcess) -> None:
                     if seen >= 2:
                         return  # leaving the block closes the connection mid-stream
 
-        async def non_streaming_timeout() -> None:
-            # A non-streaming client that gives up: its request must be aborted too.
-            async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=0.3) as impatient:
-                with pytest.raises(httpx.ReadTimeout):
-                    await impatient.post("/v1/completions", json={**payload, "stream": False})
-
         generated_before = metric((await http.get("/metrics")).text, "xllm:generation_tokens_total")
         t0 = time.monotonic()
-        await asyncio.gather(
-            *(start_and_drop() for _ in range(10)), non_streaming_timeout(), non_streaming_timeout()
-        )
+        await asyncio.gather(*(start_and_drop() for _ in range(10)))
         # 10 x 200 tokens would take far longer than this to finish on their own.
         deadline = time.monotonic() + 10
         while True:
@@ -239,8 +231,8 @@ async def test_disconnects_abort_and_free_blocks(server: ServeProcess) -> None:
             )
             await asyncio.sleep(0.1)
         assert time.monotonic() - t0 < 20
-        # Aborted, not finished: far fewer tokens than the 12 x 200 requested.
-        assert metric(text, "xllm:generation_tokens_total") - generated_before < 0.5 * 12 * 200
+        # Aborted, not finished: far fewer tokens than the 10 x 200 requested.
+        assert metric(text, "xllm:generation_tokens_total") - generated_before < 0.5 * 10 * 200
         assert metric(text, "xllm:kv_cache_blocks_total") > 0
         assert (await http.get("/health")).status_code == 200
         r = await http.post(
