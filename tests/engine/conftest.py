@@ -38,7 +38,9 @@ def make_llm(tiny_llama_dir) -> Iterator[Callable[..., LLM]]:
 
     def make(path=None, kv_blocks: int = 256, **kwargs) -> LLM:
         path = path or tiny_llama_dir
-        kwargs.setdefault("kv_cache_memory", kv_bytes_for(path, kv_blocks, kwargs.get("block_size", BLOCK_SIZE)))
+        kwargs.setdefault(
+            "kv_cache_memory", kv_bytes_for(path, kv_blocks, kwargs.get("block_size", BLOCK_SIZE))
+        )
         llm = LLM(model=str(path), dtype="float32", block_size=kwargs.pop("block_size", BLOCK_SIZE), **kwargs)
         built.append(llm)
         return llm
@@ -50,8 +52,12 @@ def make_llm(tiny_llama_dir) -> Iterator[Callable[..., LLM]]:
 
 @pytest.fixture(scope="module")
 def _module_llm(tiny_llama_dir) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", block_size=BLOCK_SIZE,
-               kv_cache_memory=kv_bytes_for(tiny_llama_dir, 256))
+    return LLM(
+        model=str(tiny_llama_dir),
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        kv_cache_memory=kv_bytes_for(tiny_llama_dir, 256),
+    )
 
 
 @pytest.fixture

@@ -34,8 +34,9 @@ def test_text_equals_decode_of_token_ids(llm, skip_special_tokens):
     # Sampling at temperature 1 from a random model emits byte tokens that split UTF-8 characters,
     # special tokens and EOS (kept: ignore_eos), the hard cases for incremental detokenisation.
     tok = llm.tokenizer
-    params = SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True,
-                            skip_special_tokens=skip_special_tokens)
+    params = SamplingParams(
+        temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, skip_special_tokens=skip_special_tokens
+    )
     outs = llm.generate([[t] for t in range(5, 37)], params, use_tqdm=False)
     for out in outs:
         c = out.outputs[0]
@@ -73,8 +74,9 @@ def test_stop_string(llm, include):
     idx = full.text.index(stop)
     k = _first_completion(lambda ids: tok.decode(ids, skip_special_tokens=True), full.token_ids, stop)
 
-    c = llm.generate([prompt], greedy(32, stop=[stop, "never-seen"], include_stop_str_in_output=include),
-                     use_tqdm=False)[0].outputs[0]
+    c = llm.generate(
+        [prompt], greedy(32, stop=[stop, "never-seen"], include_stop_str_in_output=include), use_tqdm=False
+    )[0].outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop
     assert c.token_ids == full.token_ids[: k + 1]  # generation ends at the token completing it
     assert c.text == (full.text[: idx + len(stop)] if include else full.text[:idx])
@@ -103,7 +105,9 @@ def test_min_tokens_suppresses_stop_token_and_stop_string(llm):
     prompt = prompts_of(1, 12, seed=2)[0]
     full = llm.generate([prompt], greedy(24), use_tqdm=False)[0].outputs[0]
     stop_id = full.token_ids[1]
-    c = llm.generate([prompt], greedy(24, stop_token_ids=[stop_id], min_tokens=4), use_tqdm=False)[0].outputs[0]
+    c = llm.generate([prompt], greedy(24, stop_token_ids=[stop_id], min_tokens=4), use_tqdm=False)[0].outputs[
+        0
+    ]
     assert len(c.token_ids) >= 4 and c.token_ids == full.token_ids[: len(c.token_ids)]
     assert stop_id not in c.token_ids[3:-1]
     assert c.finish_reason == "length" or c.token_ids[-1] == stop_id
@@ -112,8 +116,9 @@ def test_min_tokens_suppresses_stop_token_and_stop_string(llm):
     stop = full.text[:2] if full.text[:2].strip() else _pick_stop_string(full.text)
     k = _first_completion(lambda ids: tok.decode(ids, skip_special_tokens=True), full.token_ids, stop)
     min_tokens = k + 2
-    c = llm.generate([prompt], greedy(min_tokens + 1, stop=[stop], min_tokens=min_tokens),
-                     use_tqdm=False)[0].outputs[0]
+    c = llm.generate([prompt], greedy(min_tokens + 1, stop=[stop], min_tokens=min_tokens), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert len(c.token_ids) >= min_tokens
     assert c.token_ids == full.token_ids[: len(c.token_ids)]
     if c.finish_reason == "length":
@@ -126,7 +131,7 @@ def _find_sampled_eos(llm) -> tuple[list[int], SamplingParams, int]:
     """A seeded request whose sampled output holds EOS at position k >= 1."""
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=16, ignore_eos=True)
     prompts = [[t] for t in range(5, 69)]
-    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False), strict=True):
         ids = out.outputs[0].token_ids
         for k, t in enumerate(ids[:12]):
             if t in EOS_IDS:
@@ -147,8 +152,9 @@ def test_eos_stops_unless_ignore_eos_or_min_tokens(llm):
     assert c.finish_reason == "stop" and c.stop_reason is None
     assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)  # EOS has no text
 
-    c = llm.generate([prompt], params.model_copy(update={"ignore_eos": False, "min_tokens": k + 2}),
-                     use_tqdm=False)[0].outputs[0]
+    c = llm.generate(
+        [prompt], params.model_copy(update={"ignore_eos": False, "min_tokens": k + 2}), use_tqdm=False
+    )[0].outputs[0]
     assert len(c.token_ids) >= k + 2 and c.token_ids == full.token_ids[: len(c.token_ids)]
 
 
@@ -156,8 +162,11 @@ def test_eos_stops_unless_ignore_eos_or_min_tokens(llm):
 
 
 def test_n_completions_are_indexed_and_distinct(llm):
-    out = llm.generate([prompts_of(1, 20)[0]], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=12,
-                                                             ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate(
+        [prompts_of(1, 20)[0]],
+        SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
     assert all(len(c.token_ids) == 12 and c.finish_reason == "length" for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) == 4
@@ -177,9 +186,13 @@ def test_n_siblings_share_prompt_blocks(make_llm):
     llm = make_llm(enable_prefix_caching=False)
     engine = llm.engine
     prompt = prompts_of(1, 40, seed=6)[0]  # blocks: 16 + 16 + 8
-    engine.add_request("r", prompt, SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True))
-    while not all(s.status is SequenceStatus.RUNNING and s.num_computed_tokens >= len(prompt) for s in
-                  engine.requests["r"].seqs):
+    engine.add_request(
+        "r", prompt, SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)
+    )
+    while not all(
+        s.status is SequenceStatus.RUNNING and s.num_computed_tokens >= len(prompt)
+        for s in engine.requests["r"].seqs
+    ):
         engine.step()
     seqs = engine.requests["r"].seqs
     shared = seqs[0].block_table[:2]
@@ -217,7 +230,7 @@ def test_sample_logprobs(llm, hf_model, k):
     c = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     assert len(c.logprobs) == len(c.token_ids) == 10
     ref = hf_logprobs(hf_model, prompt + c.token_ids)[len(prompt) - 1 : -1]
-    for pos, (entry, t) in enumerate(zip(c.logprobs, c.token_ids)):
+    for pos, (entry, t) in enumerate(zip(c.logprobs, c.token_ids, strict=True)):
         row = ref[pos]
         assert t in entry and len(entry) <= k + 1
         # Logprobs are of the model's raw distribution (before temperature), as vLLM reports them.
@@ -258,13 +271,13 @@ def test_prompt_logprobs_across_chunks_and_preemption(make_llm, hf_model):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         plp = out.prompt_logprobs
         assert len(plp) == len(prompt) and plp[0] is None
         ref = hf_logprobs(hf_model, prompt)
         got = [plp[j][prompt[j]].logprob for j in range(1, len(prompt))]
         want = [ref[j - 1, prompt[j]].item() for j in range(1, len(prompt))]
-        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
 
 
 # ---------------------------------------------------------------------------- abort
