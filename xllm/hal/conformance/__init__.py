@@ -16,6 +16,7 @@ from xllm.hal.conformance.cases import (
     kinds,
     make_case,
     register_kind,
+    unregister_kind,
 )
 from xllm.hal.conformance.compare import THRESHOLDS, Checker, nmse, threshold_for
 from xllm.hal.conformance.numpy_ref import NumpyReference
@@ -40,4 +41,5 @@ __all__ = [
     "run_case",
     "run_suite",
     "threshold_for",
+    "unregister_kind",
 ]

@@ -119,6 +119,12 @@ def register_kind(
     return kind
 
 
+def unregister_kind(name: str) -> None:
+    """Removes a kind registered from outside this package (the engine's "model" kind is scoped
+    to the run that registered it, so it does not leak into other users in the process)."""
+    _KINDS.pop(name, None)
+
+
 def get_kind(name: str) -> CaseKind:
     _ensure_builtin_kinds()
     if name not in _KINDS:
