@@ -7,6 +7,7 @@ ptxas inside the triton wheel) for every kernel and the tile sizes the backend l
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,7 +20,15 @@ REPO = HERE.parents[2]
 
 
 def _compile(sm: int, max_shared_bytes: int) -> subprocess.CompletedProcess[str]:
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
+    # find_spec, not import: importing triton here, before an interpret-mode fixture sets
+    # TRITON_INTERPRET, would compile triton's library for the GPU in this process.
+    # (find_spec of a submodule would import its parent package, so look for the files.)
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not any(
+        (Path(p) / "backends" / "nvidia" / "compiler.py").exists()
+        for p in spec.submodule_search_locations or ()
+    ):
+        pytest.skip("triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(

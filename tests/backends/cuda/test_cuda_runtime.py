@@ -91,7 +91,18 @@ def test_interpret_probe_refuses_kernels_compiled_for_the_gpu():
         "print(CudaBackend.probe(interpret=True))\n"
     )
     assert done.returncode == 0, done.stderr
-    assert "compiled before TRITON_INTERPRET=1" in done.stdout
+    assert "imported before TRITON_INTERPRET=1 was set" in done.stdout
+
+
+def test_interpret_probe_refuses_triton_imported_without_the_variable():
+    """triton's own library (the combine functions of tl.sum) is decided at import: too late."""
+    done = _python(
+        "import triton\n"
+        "from xllm.backends.cuda.backend import CudaBackend\n"
+        "print(CudaBackend.probe(interpret=True))\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "imported before TRITON_INTERPRET=1 was set" in done.stdout
 
 
 def test_unknown_option_is_a_reason_not_a_crash():
