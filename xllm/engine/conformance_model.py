@@ -6,8 +6,10 @@ ragged batch of token-id prompts greedily through the real engine (`LLM(...).gen
 ignored, logprobs on) on the backend under test, and compares with the same decode on the
 reference: another backend through the same engine (``--against cpu``), or Hugging Face
 transformers (``--against numpy``: NumPy has no model, so transformers is the whole-model oracle).
-The prompts cross KV-block borders (block size 16) while prefilling and while decoding, and one
-is longer than Mistral's 32-token sliding window, so paging, the window and RoPE positions matter.
+The prompts cross KV-block borders (block size 16) while prefilling and while decoding, one is
+longer than Mistral's 32-token sliding window, and a 32-token step budget makes the engine prefill
+in chunks beside other sequences' decodes, so paging, the window, RoPE positions and mixed
+prefill/decode attention all matter.
 
 Rules (thresholds and tolerances in `xllm.hal.conformance.compare`): in float32 the tokens must be
 identical and the chosen tokens' logprobs agree by NMSE. In bfloat16 / float16 a conforming
@@ -50,6 +52,10 @@ FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
 PROMPT_LENS: tuple[int, ...] = (3, 17, 31, 40)
 NEW_TOKENS = 12
 BLOCK_SIZE = 16
+# A step budget smaller than the prompts: the engine prefills them in chunks beside other
+# sequences' decode tokens, so attention also sees mixed batches and chunks that start mid-prompt
+# over cached context (the paths a serving engine takes), not only whole-prompt prefills.
+STEP_TOKEN_BUDGET = 32
 TOP_LOGPROBS = 5  # enough to see the reference's runner-up at a near tie
 # make_model puts its special tokens at ids 0..4; prompts use ordinary tokens only.
 NUM_SPECIAL_IDS = 5
@@ -163,6 +169,7 @@ def decode_with_engine(
             max_model_len=max_len,
             kv_cache_memory=blocks * block_bytes,  # a few blocks, not a share of device memory
             max_num_seqs=len(prompts),
+            max_num_batched_tokens=STEP_TOKEN_BUDGET,
         )
         params = SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS
