@@ -13,13 +13,13 @@ prefill/decode attention all matter.
 
 Rules (thresholds and tolerances in `xllm.hal.conformance.compare`): in float32 the tokens must be
 identical and the chosen tokens' logprobs agree by NMSE. In bfloat16 / float16 a conforming
-backend may round differently, so sequences may part where the reference itself nearly tied:
-tokens must agree up to the first divergence, that divergence is accepted only where the
-reference nearly tied: it rates the backend's token less than `MODEL_NEAR_TIE_NATS` below its own
-choice (so its top-2 gap is below that too); the chosen tokens' logprobs up to and including the
+backend may round differently, so sequences may part where the reference itself nearly tied.
+Tokens must agree up to the first divergence, which is accepted only at such a near tie: the
+reference rates the backend's token less than `MODEL_NEAR_TIE_NATS` below its own choice (so its
+top-2 gap there is below that too). The chosen tokens' logprobs up to and including the
 divergence are compared by NMSE, and nothing after it (the contexts differ from there on).
 
-Layering: this module sits in the engine (it drives `LLM`) and registers itself with the HAL's
+Layering: this module sits in the engine (it drives `LLM`) and registers the kind with the HAL's
 conformance registry, which never imports the engine or the models. Registration is explicit and
 scoped (`model_kind_registered()`), as ``xllm conformance`` does around its run, so the kind does
 not leak into other users of the registry in the same process.
@@ -288,10 +288,10 @@ def compare_decodes(
 
 
 def check_model_case(case: Case, backend: Any, reference: Any, checker: Checker) -> None:
-    assert case.dtype is not None
-    path = tiny_checkpoint(case.p["family"])
     from xllm.models import ModelConfig
 
+    assert case.dtype is not None
+    path = tiny_checkpoint(case.p["family"])
     prompts = model_prompts(case, ModelConfig.from_pretrained(path).vocab_size)
     max_tokens = case.p["new"]
     got = decode_with_engine(backend, path, case.dtype, prompts, max_tokens)
