@@ -78,6 +78,10 @@ class AsyncLLM:
         generator early (a client that went away) aborts the request and frees its blocks.
         """
         self._check_alive()
+        if request_id in self._streams:
+            # Checked here, not only by the engine: registering this stream would replace the
+            # live one's, and the rejection's clean-up would then abort the other request.
+            raise ValueError(f"request id {request_id!r} is already in use")
         self.start()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
@@ -142,6 +146,7 @@ class AsyncLLM:
                     continue
                 for out in self.engine.step():
                     self._deliver(out)
+            self._close_streams()
         except BaseException as exc:  # the loop itself failed: nobody can be served any more
             logger.exception("engine loop died")
             self.errored = True
@@ -172,6 +177,25 @@ class AsyncLLM:
                 if waiter is not None:
                     loop, done = waiter
                     loop.call_soon_threadsafe(_set_result, done, None)
+
+    def _close_streams(self) -> None:
+        """On shutdown: refuses queued additions and ends every open stream with finish_reason
+        "abort", so that no caller waits forever on a loop that has stopped."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                _, _, _, _, _, loop, admitted = command
+                loop.call_soon_threadsafe(_set_exception, admitted, EngineDeadError("the engine is shutting down"))
+            elif command[2] is not None:
+                loop, done = command[2]
+                loop.call_soon_threadsafe(_set_result, done, None)
+        for request_id in list(self.engine.requests):
+            out = self.engine.abort_request(request_id)
+            if out is not None:
+                self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:
         target = self._streams.get(out.request_id)
