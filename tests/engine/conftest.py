@@ -23,6 +23,12 @@ def kv_bytes_for(path, num_blocks: int, block_size: int = BLOCK_SIZE) -> int:
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * 4 * num_blocks
 
 
+@pytest.fixture(scope="session")
+def kv_bytes() -> Callable[..., int]:
+    """`kv_bytes(path, num_blocks)`: kv_cache_memory for exactly that many float32 blocks."""
+    return kv_bytes_for
+
+
 def assert_engine_idle(llm: LLM) -> None:
     engine = llm.engine
     assert not engine.requests, f"requests left in the engine: {list(engine.requests)}"
