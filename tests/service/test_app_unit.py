@@ -80,6 +80,8 @@ async def test_health_models_version(client: httpx.AsyncClient) -> None:
     assert "version" in (await client.get("/version")).json()
     models = (await client.get("/v1/models")).json()
     assert models["object"] == "list" and models["data"][0]["id"] == "fake-model"
+    assert (await client.get("/v1/models/fake-model")).json()["id"] == "fake-model"
+    assert_openai_error(await client.get("/v1/models/other"), 404)
 
 
 async def test_completion_and_usage(client: httpx.AsyncClient) -> None:
@@ -306,3 +308,11 @@ async def test_model_generation_defaults_apply_when_unset() -> None:
             "/v1/completions", json={"prompt": "x", "max_tokens": 1, "temperature": 1.0, "top_p": 1.0}
         )
         assert (engine.last_params.temperature, engine.last_params.top_p) == (1.0, 1.0)
+
+
+async def test_dead_engine_makes_health_503() -> None:
+    engine = FakeAsyncLLM()
+    async for c, _ in make_client(engine):
+        engine.errored = True
+        assert assert_openai_error(await c.get("/health"), 503)["code"] == "engine_dead"
+        assert_openai_error(await c.post("/v1/completions", json={"prompt": "x"}), 503)

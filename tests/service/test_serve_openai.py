@@ -85,6 +85,7 @@ def test_health_answered_loading_before_ready(server: ServeProcess) -> None:
 
 def test_models_version_health(server: ServeProcess, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
     assert httpx.get(f"{server.base_url}/health").status_code == 200  # open without the key
     assert "version" in httpx.get(f"{server.base_url}/version").json()
 

@@ -100,6 +100,9 @@ class ServerState:
     def unavailable(self) -> OpenAIError | None:
         """The 503 to answer with instead of serving, or None when requests are welcome."""
         if self.phase is Phase.READY:
+            if getattr(self.engine, "errored", False):
+                # The engine loop died (AsyncLLM.errored): nothing can be served until a restart.
+                return OpenAIError(503, "The engine has stopped; see the server log.", code="engine_dead")
             return None
         messages = {
             Phase.LOADING: ("The model is loading; retry shortly.", "model_loading"),
@@ -321,6 +324,12 @@ def create_app(
         return ModelList(
             data=[ModelCard(id=s.served_model_name, root=config.model, max_model_len=s.max_model_len)]
         )
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> ModelCard:
+        s = serving()
+        s.check_model(model_id)
+        return ModelCard(id=s.served_model_name, root=config.model, max_model_len=s.max_model_len)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
