@@ -135,6 +135,21 @@ async def test_duplicate_request_id_does_not_hijack_the_running_stream(engine):
     assert last.prompt_token_ids == PROMPTS[1] and len(last.outputs[0].token_ids) == 30
 
 
+async def test_request_id_is_free_once_its_last_output_is_out(engine):
+    # A caller that stops at the finished output without resuming the generator (so it never
+    # returns) may reuse the id at once; the old generator's clean-up must not touch the new one.
+    old = engine.generate(PROMPTS[0], greedy(3), "reused")
+    while not (await old.__anext__()).finished:
+        pass
+    outs = await collect(engine, PROMPTS[2], greedy(4), "reused")
+    assert outs[-1].prompt_token_ids == PROMPTS[2] and len(outs[-1].outputs[0].token_ids) == 4
+    new = engine.generate(PROMPTS[1], greedy(5), "reused")
+    await new.__anext__()
+    await old.aclose()
+    rest = [o async for o in new]
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "length"
+
+
 async def test_stats_report_running_waiting_and_blocks(new_engine):
     engine = new_engine(max_num_seqs=1)
     try:

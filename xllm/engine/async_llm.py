@@ -86,7 +86,8 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         admitted = loop.create_future()
-        self._streams[request_id] = (loop, stream)
+        entry = (loop, stream)
+        self._streams[request_id] = entry
         self._send(("add", request_id, prompt, sampling_params, priority, loop, admitted))
         finished = False
         try:
@@ -96,11 +97,16 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if finished:
+                    # The id is free as soon as the last output is out, even if the caller
+                    # never resumes this generator to let it return.
+                    del self._streams[request_id]
                 yield item
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is entry:
+                del self._streams[request_id]
             if not finished:
                 self._send(("abort", request_id, None))
 
