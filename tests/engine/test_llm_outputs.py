@@ -303,3 +303,22 @@ def test_abort_request_finishes_with_abort(make_llm):
         for o in engine.step():
             results[o.request_id] = o
     assert set(results) == {"b"} and results["b"].outputs[0].finish_reason == "length"
+
+
+def test_failing_step_fails_generate_and_frees_everything(make_llm, monkeypatch):
+    llm = make_llm()
+    real_execute = llm.engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky_execute(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected device fault")
+        return real_execute(scheduled)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", flaky_execute)
+    with pytest.raises(RuntimeError, match="injected device fault"):
+        llm.generate(prompts_of(3, 20), greedy(8, n=2), use_tqdm=False)
+    assert llm.engine.kv_cache.num_used_blocks == 0 and not llm.engine.requests
+    outs = llm.generate(prompts_of(2, 20), greedy(8), use_tqdm=False)  # the engine still serves
+    assert all(o.outputs[0].finish_reason == "length" and o.error is None for o in outs)
