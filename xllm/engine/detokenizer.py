@@ -50,6 +50,14 @@ class IncrementalDetokenizer:
                 return stop
         return None
 
+    @property
+    def stable_text(self) -> str:
+        """The text to show while the sequence runs: without the last ``max_stop_len - 1``
+        characters, which a stop string completed later could still cut (so that streamed text
+        only ever grows)."""
+        hold = 0 if self.include_stop_str else self._max_stop_len - 1
+        return self.text[: len(self.text) - hold] if hold > 0 else self.text
+
     def flush(self) -> None:
         """At the end of the sequence: appends the text of held-back tokens (an unfinished UTF-8
         character shows as U+FFFD, as in `tokenizer.decode`)."""

@@ -315,7 +315,7 @@ class LLMEngine:
         n_out = seq.num_output_tokens
         # Before min_tokens no stop condition applies, so a stop string must not cut the text either.
         stop_str = seq.detokenizer.add_token(token, check_stop=n_out >= params.min_tokens)
-        seq.text = seq.detokenizer.text
+        seq.text = seq.detokenizer.stable_text  # the full text once finished (see _finish)
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(seq, "stop")
@@ -331,7 +331,7 @@ class LLMEngine:
         seq.stop_reason = stop_reason
         if not isinstance(stop_reason, str):  # a stop string cut the text; otherwise it is all there
             seq.detokenizer.flush()
-            seq.text = seq.detokenizer.text
+        seq.text = seq.detokenizer.text
         if seq.status is not SequenceStatus.HELD:
             self.scheduler.remove(seq)
         else:
