@@ -322,3 +322,27 @@ def test_failing_step_fails_generate_and_frees_everything(make_llm, monkeypatch)
     assert llm.engine.kv_cache.num_used_blocks == 0 and not llm.engine.requests
     outs = llm.generate(prompts_of(2, 20), greedy(8), use_tqdm=False)  # the engine still serves
     assert all(o.outputs[0].finish_reason == "length" and o.error is None for o in outs)
+
+
+def test_streamed_text_only_grows_with_stop_strings(llm):
+    # A stop string whose first character arrives a token before its last: the text streamed in
+    # between must not show that character, since the stop then cuts it (deltas would go negative).
+    tok = llm.tokenizer
+    prompt = prompts_of(1, 12, seed=1)[0]
+    full = llm.generate([prompt], greedy(32), use_tqdm=False)[0].outputs[0]
+    bounds = [
+        len(tok.decode(full.token_ids[: k + 1], skip_special_tokens=True)) for k in range(len(full.token_ids))
+    ]
+    stop = next(
+        s
+        for b in bounds[2:-1]
+        if (s := full.text[b - 1 : b + 1]).isprintable() and s.strip() == s and full.text.find(s) == b - 1
+    )
+    engine = llm.engine
+    engine.add_request("streamed", prompt, greedy(32, stop=[stop]))
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [o.outputs[0].text for o in engine.step()]
+    assert texts[-1] == full.text[: full.text.index(stop)]
+    for earlier, later in zip(texts[:-1], texts[1:], strict=True):
+        assert later.startswith(earlier), (earlier, later)
