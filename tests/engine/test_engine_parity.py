@@ -52,17 +52,28 @@ def reference(request, tiny_model_dir):
     model.generation_config.eos_token_id = None
     prompts = make_prompts(model.config.vocab_size, set(tok.all_special_ids))
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=MAX_TOKENS, eos_token_id=None, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        do_sample=False,
+        max_new_tokens=MAX_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     tokens, logprobs = [], []
     with torch.inference_mode():
         for p in prompts:
-            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), generation_config=config)
-            new = out.sequences[0, len(p):].tolist()
+            out = model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                generation_config=config,
+            )
+            new = out.sequences[0, len(p) :].tolist()
             assert len(new) == MAX_TOKENS, "the reference stopped early: EOS was not disabled"
             tokens.append(new)
-            lp = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new)]
+            lp = [
+                torch.log_softmax(step[0].float(), -1)[t].item()
+                for step, t in zip(out.logits, new, strict=True)
+            ]
             logprobs.append(lp)
     return family, path, prompts, tokens, logprobs
 
@@ -73,7 +84,11 @@ def greedy(logprobs: int | None = None) -> SamplingParams:
 
 def assert_no_leak(llm: LLM) -> None:
     assert llm.engine.kv_cache.num_used_blocks == 0, "KV blocks leaked"
-    assert not llm.engine.requests and llm.engine.scheduler.num_running == 0 and llm.engine.scheduler.num_waiting == 0
+    assert (
+        not llm.engine.requests
+        and llm.engine.scheduler.num_running == 0
+        and llm.engine.scheduler.num_waiting == 0
+    )
 
 
 def tiny_kv_bytes(path, num_blocks: int) -> int:
@@ -100,8 +115,10 @@ def test_greedy_matches_transformers(reference, config_name):
         opts["kv_cache_memory"] = tiny_kv_bytes(path, opts.pop("kv_blocks"))
     llm = LLM(model=str(path), dtype="float32", block_size=BLOCK_SIZE, **opts)
     outs = llm.generate(prompts, greedy(), use_tqdm=False)
-    for i, (out, want) in enumerate(zip(outs, expected)):
-        assert out.outputs[0].token_ids == want, f"{family}/{config_name}: prompt {i} (len {len(prompts[i])}) differs"
+    for i, (out, want) in enumerate(zip(outs, expected, strict=True)):
+        assert out.outputs[0].token_ids == want, (
+            f"{family}/{config_name}: prompt {i} (len {len(prompts[i])}) differs"
+        )
         assert out.outputs[0].finish_reason == "length"
     if config_name == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0, "the small pool did not force preemption"
@@ -111,7 +128,9 @@ def test_greedy_matches_transformers(reference, config_name):
         assert llm.engine.kv_cache.stats.hit_tokens == 0
         again = llm.generate(prompts[-6:], greedy(), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in again] == expected[-6:]
-        assert all(o.num_cached_tokens > 0 for o, p in zip(again, prompts[-6:]) if len(p) > BLOCK_SIZE)
+        assert all(
+            o.num_cached_tokens > 0 for o, p in zip(again, prompts[-6:], strict=True) if len(p) > BLOCK_SIZE
+        )
         assert llm.engine.kv_cache.stats.hit_tokens > 0
     assert_no_leak(llm)
 
@@ -120,12 +139,12 @@ def test_logprobs_match_transformers(reference):
     family, path, prompts, expected, expected_lp = reference
     llm = LLM(model=str(path), dtype="float32", block_size=BLOCK_SIZE)
     outs = llm.generate(prompts, greedy(logprobs=3), use_tqdm=False)
-    for out, want_tokens, want_lp in zip(outs, expected, expected_lp):
+    for out, want_tokens, want_lp in zip(outs, expected, expected_lp, strict=True):
         comp = out.outputs[0]
         assert comp.token_ids == want_tokens
-        got = [entry[t].logprob for entry, t in zip(comp.logprobs, comp.token_ids)]
-        assert max(abs(a - b) for a, b in zip(got, want_lp)) < 1e-4
-        for entry, t in zip(comp.logprobs, comp.token_ids):
+        got = [entry[t].logprob for entry, t in zip(comp.logprobs, comp.token_ids, strict=True)]
+        assert max(abs(a - b) for a, b in zip(got, want_lp, strict=True)) < 1e-4
+        for entry, t in zip(comp.logprobs, comp.token_ids, strict=True):
             assert entry[t].rank == 1  # greedy picks the most likely token
             assert len(entry) <= 4
     assert_no_leak(llm)

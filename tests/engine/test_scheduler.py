@@ -10,8 +10,14 @@ from xllm.engine.sequence import Request, Sequence, SequenceStatus
 
 
 def make_seq(seq_id: int, n_tokens: int, priority: int = 0, arrival: float | None = None) -> Sequence:
-    req = Request(str(seq_id), None, [1] * n_tokens, SamplingParams(), priority,
-                  RequestMetrics(float(seq_id) if arrival is None else arrival))
+    req = Request(
+        str(seq_id),
+        None,
+        [1] * n_tokens,
+        SamplingParams(),
+        priority,
+        RequestMetrics(float(seq_id) if arrival is None else arrival),
+    )
     seq = Sequence(seq_id, req, 0, [1] * n_tokens, n_tokens, seed=0)
     req.seqs.append(seq)
     return seq

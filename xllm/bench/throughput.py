@@ -27,13 +27,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument(
-        "--range-ratio", type=float, default=0.0,
+        "--range-ratio",
+        type=float,
+        default=0.0,
         help="lengths are drawn uniformly from [len*(1-R), len*(1+R)] (0: uniform lengths)",
     )
     p.add_argument("--compare", choices=["transformers", "none"], default="none")
-    p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
-    p.add_argument("--skip-decode-floor", action="store_true", help="skip the batch-1 decode vs bandwidth measurement")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write results as JSON (- = stdout)")
+    p.add_argument(
+        "--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)"
+    )
+    p.add_argument(
+        "--skip-decode-floor", action="store_true", help="skip the batch-1 decode vs bandwidth measurement"
+    )
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write results as JSON (- = stdout)",
+    )
     p.add_argument("--bench-seed", type=int, default=0)
     add_engine_arguments(p)
 
@@ -53,8 +66,9 @@ class SideResult:
         return self.total_tokens / self.elapsed_s
 
 
-def make_workload(num_prompts: int, input_len: int, output_len: int, ratio: float, vocab: int, seed: int,
-                  avoid: set[int]) -> tuple[list[list[int]], list[int]]:
+def make_workload(
+    num_prompts: int, input_len: int, output_len: int, ratio: float, vocab: int, seed: int, avoid: set[int]
+) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
 
     def draw(n: int) -> int:
@@ -78,7 +92,9 @@ def run_xllm(llm, prompts: list[list[int]], outputs: list[int]) -> SideResult:
     return SideResult(elapsed, produced, produced + sum(len(p) for p in prompts))
 
 
-def run_transformers(model_path: str, prompts: list[list[int]], outputs: list[int], batch_size: int, dtype) -> SideResult:
+def run_transformers(
+    model_path: str, prompts: list[list[int]], outputs: list[int], batch_size: int, dtype
+) -> SideResult:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,8 +110,13 @@ def run_transformers(model_path: str, prompts: list[list[int]], outputs: list[in
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
             n_new = max(outputs[i : i + batch_size])
             model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
-                pad_token_id=pad_id, eos_token_id=None,
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                pad_token_id=pad_id,
+                eos_token_id=None,
             )
     elapsed = time.perf_counter() - start
     useful = sum(outputs)  # count only the tokens that were asked for, as for xllm
@@ -145,7 +166,11 @@ def measure_decode_step(llm, vocab: int, steps: int = 64) -> float:
     from xllm import SamplingParams
 
     engine = llm.engine
-    engine.add_request("bench-decode", list(range(1, 33)), SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True))
+    engine.add_request(
+        "bench-decode",
+        list(range(1, 33)),
+        SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True),
+    )
     times = []
     engine.step()  # prefill
     while engine.has_unfinished_requests():
@@ -169,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(**kwargs)
     vocab = llm.engine.model_config.vocab_size
     special = set(llm.tokenizer.all_special_ids)
-    prompts, outputs = make_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, vocab,
-                                     args.bench_seed, special)
+    prompts, outputs = make_workload(
+        args.num_prompts, args.input_len, args.output_len, args.range_ratio, vocab, args.bench_seed, special
+    )
     report: dict[str, object] = {
         "model": model_path,
         "backend": llm.engine.backend.name,
@@ -183,16 +209,28 @@ def run(args: argparse.Namespace) -> int:
     # Warm-up on a few prompts: one-time costs (graph capture, allocator growth) are not throughput.
     run_xllm(llm, prompts[:2], [4, 4])
     xr = run_xllm(llm, prompts, outputs)
-    report["xllm"] = {**asdict(xr), "output_tokens_per_s": xr.output_tokens_per_s, "total_tokens_per_s": xr.total_tokens_per_s}
-    print(f"xllm:         {xr.elapsed_s:8.2f} s  {xr.output_tokens_per_s:9.1f} output tok/s  {xr.total_tokens_per_s:9.1f} total tok/s")
+    report["xllm"] = {
+        **asdict(xr),
+        "output_tokens_per_s": xr.output_tokens_per_s,
+        "total_tokens_per_s": xr.total_tokens_per_s,
+    }
+    print(
+        f"xllm:         {xr.elapsed_s:8.2f} s  {xr.output_tokens_per_s:9.1f} output tok/s  {xr.total_tokens_per_s:9.1f} total tok/s"
+    )
 
     if args.compare == "transformers":
         dtype = llm.engine.kv_caches[0][0].dtype
         hf = run_transformers(model_path, prompts, outputs, args.hf_batch_size or len(prompts), dtype)
         ratio = xr.output_tokens_per_s / hf.output_tokens_per_s
-        report["transformers"] = {**asdict(hf), "output_tokens_per_s": hf.output_tokens_per_s, "total_tokens_per_s": hf.total_tokens_per_s}
+        report["transformers"] = {
+            **asdict(hf),
+            "output_tokens_per_s": hf.output_tokens_per_s,
+            "total_tokens_per_s": hf.total_tokens_per_s,
+        }
         report["ratio_vs_transformers"] = ratio
-        print(f"transformers: {hf.elapsed_s:8.2f} s  {hf.output_tokens_per_s:9.1f} output tok/s  {hf.total_tokens_per_s:9.1f} total tok/s")
+        print(
+            f"transformers: {hf.elapsed_s:8.2f} s  {hf.output_tokens_per_s:9.1f} output tok/s  {hf.total_tokens_per_s:9.1f} total tok/s"
+        )
         print(f"ratio xllm / transformers (output tokens/s): {ratio:.2f}x")
 
     if not args.skip_decode_floor:
@@ -201,8 +239,11 @@ def run(args: argparse.Namespace) -> int:
         floor_s = weight_bytes / bandwidth
         step_s = measure_decode_step(llm, vocab)
         report["decode_batch1"] = {
-            "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3, "ratio_to_floor": step_s / floor_s,
-            "weight_bytes": weight_bytes, "read_bandwidth_gbps": bandwidth / 1e9,
+            "step_ms": step_s * 1e3,
+            "floor_ms": floor_s * 1e3,
+            "ratio_to_floor": step_s / floor_s,
+            "weight_bytes": weight_bytes,
+            "read_bandwidth_gbps": bandwidth / 1e9,
         }
         print(
             f"decode step, batch 1: {step_s * 1e3:.2f} ms; bandwidth floor {floor_s * 1e3:.2f} ms "

@@ -7,7 +7,9 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("backends", help="list registered backends, their availability and capabilities")
+    p = subparsers.add_parser(
+        "backends", help="list registered backends, their availability and capabilities"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -28,7 +30,15 @@ def run(args: argparse.Namespace) -> int:
             if caps
             else "-"
         )
-        rows.append((info.name, "yes" if info.available else "no", str(info.device_count), cap_text, info.reason or ""))
+        rows.append(
+            (
+                info.name,
+                "yes" if info.available else "no",
+                str(info.device_count),
+                cap_text,
+                info.reason or "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])

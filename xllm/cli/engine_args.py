@@ -7,16 +7,24 @@ import argparse
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)")
-    g.add_argument("--backend", default=None, help="backend name (default: $XLLM_BACKEND or the first available)")
+    g.add_argument(
+        "--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)"
+    )
+    g.add_argument(
+        "--backend", default=None, help="backend name (default: $XLLM_BACKEND or the first available)"
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", default=None, help="KV-cache bytes, e.g. 2GiB (default: sized automatically)")
+    g.add_argument(
+        "--kv-cache-memory", default=None, help="KV-cache bytes, e.g. 2GiB (default: sized automatically)"
+    )
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly instead of graph replay")
+    g.add_argument(
+        "--no-graphs", action="store_true", help="run decode steps eagerly instead of graph replay"
+    )
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -12,7 +12,9 @@ from xllm.cli.engine_args import add_engine_arguments, engine_kwargs
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text for a prompt, streamed to the terminal")
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
+    )
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--min-tokens", type=int, default=0)
@@ -54,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise CLIError(f"invalid sampling parameter {err['loc'][0] if err['loc'] else ''}: {err['msg']}") from None
+        raise CLIError(
+            f"invalid sampling parameter {err['loc'][0] if err['loc'] else ''}: {err['msg']}"
+        ) from None
     try:
         return asyncio.run(_stream(args, params))
     except (HALError, ValueError, FileNotFoundError) as exc:
@@ -70,7 +74,10 @@ async def _stream(args: argparse.Namespace, params) -> int:
         text = engine.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        prompt = {"prompt": text, "prompt_token_ids": engine.tokenizer(text, add_special_tokens=False).input_ids}
+        prompt = {
+            "prompt": text,
+            "prompt_token_ids": engine.tokenizer(text, add_special_tokens=False).input_ids,
+        }
     printed = 0
     try:
         async for out in engine.generate(prompt, params, "cli-0"):

@@ -194,7 +194,9 @@ class AsyncLLM:
                 break
             if command[0] == "add":
                 _, _, _, _, _, loop, admitted = command
-                loop.call_soon_threadsafe(_set_exception, admitted, EngineDeadError("the engine is shutting down"))
+                loop.call_soon_threadsafe(
+                    _set_exception, admitted, EngineDeadError("the engine is shutting down")
+                )
             elif command[2] is not None:
                 loop, done = command[2]
                 loop.call_soon_threadsafe(_set_result, done, None)

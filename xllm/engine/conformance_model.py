@@ -181,8 +181,8 @@ def decode_with_engine(
         comp = out.outputs[0]
         entries = comp.logprobs or []
         top = [{t: lp.logprob for t, lp in sorted(e.items(), key=lambda kv: -kv[1].logprob)} for e in entries]
-        # strict=False: a backend that lost logprobs is reported by compare_decodes, not here.
-        chosen = [e[t].logprob for e, t in zip(entries, comp.token_ids, strict=False)]
+        # strict=True: a backend that lost logprobs is reported by compare_decodes, not here.
+        chosen = [e[t].logprob for e, t in zip(entries, comp.token_ids, strict=True)]
         decodes.append(Decode(list(comp.token_ids), chosen, top))
     return decodes
 

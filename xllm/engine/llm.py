@@ -68,7 +68,7 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
         ids = []
         try:
-            for prompt, params, prio in zip(prompt_list, params_list, priorities):
+            for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, prompt, params, priority=prio)
                 ids.append(rid)
@@ -96,7 +96,8 @@ class LLM:
         ]
         # The template already holds the special tokens; encode without adding them again.
         token_prompts = [
-            {"prompt": p, "prompt_token_ids": self.tokenizer(p, add_special_tokens=False).input_ids} for p in prompts
+            {"prompt": p, "prompt_token_ids": self.tokenizer(p, add_special_tokens=False).input_ids}
+            for p in prompts
         ]
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -29,9 +29,14 @@ from xllm.hal import get_backend
 logger = logging.getLogger("xllm.engine")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 _DEFAULT_KV_CACHE_CAP_BYTES = 1 << 30
 _SEED_BITS = 63
@@ -73,7 +78,9 @@ class LLMEngine:
         mc = self.model_config
         self.block_size = config.block_size
         kv_dtype = self.model.dtype
-        bytes_per_block = 2 * mc.num_layers * config.block_size * mc.num_kv_heads * mc.head_dim * kv_dtype.itemsize
+        bytes_per_block = (
+            2 * mc.num_layers * config.block_size * mc.num_kv_heads * mc.head_dim * kv_dtype.itemsize
+        )
         max_len = config.max_model_len or mc.max_position_embeddings
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(
@@ -89,7 +96,9 @@ class LLMEngine:
             kv_bytes = max(min(want, int(free * 0.25), _DEFAULT_KV_CACHE_CAP_BYTES), bytes_per_block)
         num_blocks = kv_bytes // bytes_per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {kv_bytes} B holds no block; one block needs {bytes_per_block} B")
+            raise ValueError(
+                f"kv_cache_memory {kv_bytes} B holds no block; one block needs {bytes_per_block} B"
+            )
         capacity = num_blocks * config.block_size
         if max_len > capacity:
             if config.max_model_len is not None:
@@ -141,14 +150,21 @@ class LLMEngine:
         self._check_prompt(token_ids)
         remaining = self.max_model_len - len(token_ids)
         if params.max_tokens is None or params.max_tokens > remaining:
-            params = params.model_copy(update={"max_tokens": max(remaining, 1), "min_tokens": min(params.min_tokens, max(remaining, 1))})
+            params = params.model_copy(
+                update={
+                    "max_tokens": max(remaining, 1),
+                    "min_tokens": min(params.min_tokens, max(remaining, 1)),
+                }
+            )
         request = Request(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=token_ids,
             params=params,
             priority=priority,
-            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.monotonic()),
+            metrics=RequestMetrics(
+                arrival_time=arrival_time if arrival_time is not None else time.monotonic()
+            ),
         )
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(_SEED_BITS)
         for i in range(params.n):
@@ -272,7 +288,9 @@ class LLMEngine:
             return [out for rid in failed if (out := self.fail_request(rid, message)) is not None]
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for item, sampled, prompt_lp in zip(sched.scheduled, result.sampled, result.prompt_logprobs):
+        for item, sampled, prompt_lp in zip(
+            sched.scheduled, result.sampled, result.prompt_logprobs, strict=True
+        ):
             seq = item.seq
             request = seq.request
             seq.num_computed_tokens += item.num_new_tokens
@@ -381,11 +399,13 @@ class LLMEngine:
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for source in (getattr(self.model_config, "eos_token_ids", None), self.generation_defaults.get("eos_token_id")):
+        for source in (
+            getattr(self.model_config, "eos_token_ids", None),
+            self.generation_defaults.get("eos_token_id"),
+        ):
             if source is None:
                 continue
             ids.update(source if isinstance(source, (list, tuple, set)) else [source])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return {int(i) for i in ids}
-

@@ -145,7 +145,12 @@ class ModelRunner:
         all_single = len(input_ids) == len(scheduled)
         runner = self.graph_runner
         logits_for_prompt = None
-        if all_single and runner is not None and runner.bucket_for(len(scheduled)) is not None and not prompt_lp_rows:
+        if (
+            all_single
+            and runner is not None
+            and runner.bucket_for(len(scheduled)) is not None
+            and not prompt_lp_rows
+        ):
             tables = torch.zeros((len(scheduled), self.max_blocks_per_seq), dtype=torch.int32)
             for i, item in enumerate(scheduled):
                 t = item.seq.block_table
@@ -157,7 +162,11 @@ class ModelRunner:
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
                 block_tables=tables.to(self.device),
             )
-            logits = logits[torch.tensor(sample_rows, device=self.device)] if len(sample_rows) != len(scheduled) else logits
+            logits = (
+                logits[torch.tensor(sample_rows, device=self.device)]
+                if len(sample_rows) != len(scheduled)
+                else logits
+            )
         else:
             width = max(len(item.seq.block_table) for item in scheduled)
             tables = torch.zeros((len(scheduled), width), dtype=torch.int32)
@@ -180,11 +189,19 @@ class ModelRunner:
                 self.kv_caches,
                 metadata,
             )
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]) if sample_rows else None
+            logits = (
+                self.model.compute_logits(
+                    hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]
+                )
+                if sample_rows
+                else None
+            )
             if prompt_lp_rows:
                 rows = [r for _, rs, _, _ in prompt_lp_rows for r in rs]
                 logits_for_prompt = (
-                    self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+                    self.model.compute_logits(
+                        hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+                    )
                     if rows
                     else None
                 )
@@ -198,7 +215,9 @@ class ModelRunner:
                     sampled[i] = next(it)
         prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(scheduled)
         if prompt_lp_rows:
-            prompt_logprobs = self._prompt_logprobs(scheduled, prompt_lp_rows, logits_for_prompt, prompt_logprobs)
+            prompt_logprobs = self._prompt_logprobs(
+                scheduled, prompt_lp_rows, logits_for_prompt, prompt_logprobs
+            )
         return StepResult(sampled, prompt_logprobs)
 
     # ------------------------------------------------------------------ sampling
@@ -234,13 +253,13 @@ class ModelRunner:
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else [[] for _ in seqs]
         result = []
-        for i, (seq, tok) in enumerate(zip(seqs, token_ids)):
+        for i, (seq, tok) in enumerate(zip(seqs, token_ids, strict=True)):
             k = seq.params.logprobs
             if k is None:
                 result.append(SampledToken(tok))
                 continue
             entry = {tok: Logprob(sampled_lp[i], ranks[i], self._decode(tok))}
-            for rank, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k]), start=1):
+            for rank, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k], strict=True), start=1):
                 entry.setdefault(tid, Logprob(lp, rank, self._decode(tid)))
             result.append(SampledToken(tok, entry))
         return result
@@ -268,7 +287,9 @@ class ModelRunner:
                 for j, t in enumerate(targets):
                     entry = {t: Logprob(chosen_l[j], ranks[j], self._decode(t))}
                     if k > 0:
-                        for r, (tid, lp) in enumerate(zip(top_ids[j].tolist(), top_lp[j].tolist()), start=1):
+                        for r, (tid, lp) in enumerate(
+                            zip(top_ids[j].tolist(), top_lp[j].tolist(), strict=True), start=1
+                        ):
                             entry.setdefault(tid, Logprob(lp, r, self._decode(tid)))
                     entries.append(entry)
             out[idx] = entries

@@ -97,7 +97,9 @@ class Scheduler:
         scheduled_ids: set[int] = set()
 
         # Running sequences: decodes (one token) before unfinished prefills.
-        for seq in sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, _queue_key(s))):
+        for seq in sorted(
+            self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, _queue_key(s))
+        ):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -104,7 +104,9 @@ class Backend(ABC):
         if residual is not None:
             check_tensor(op, "residual", residual, dtypes=(x.dtype,))
             if residual.shape != x.shape:
-                raise ValueError(f"{op}: argument 'residual' has shape {tuple(residual.shape)}, expected {tuple(x.shape)}")
+                raise ValueError(
+                    f"{op}: argument 'residual' has shape {tuple(residual.shape)}, expected {tuple(x.shape)}"
+                )
         if not eps > 0:
             raise ValueError(f"{op}: argument 'eps' must be positive, got {eps}")
         return self._rms_norm(x, weight, float(eps), residual)
@@ -135,7 +137,9 @@ class Backend(ABC):
         check_dim(op, "k", k.shape[2], q.shape[2], "head_dim")
         rot_dim = cos_sin_cache.shape[1]
         if rot_dim % 2 or rot_dim > q.shape[2]:
-            raise ValueError(f"{op}: argument 'cos_sin_cache' has rot_dim {rot_dim}; need an even rot_dim <= head_dim {q.shape[2]}")
+            raise ValueError(
+                f"{op}: argument 'cos_sin_cache' has rot_dim {rot_dim}; need an even rot_dim <= head_dim {q.shape[2]}"
+            )
         return self._rotary_embedding(positions, q, k, cos_sin_cache, bool(neox_style))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +151,9 @@ class Backend(ABC):
         """GeGLU gate: ``gelu(x[..., :d]) * x[..., d:]`` (exact erf or tanh approximation)."""
         self._check_gated("gelu_and_mul", x)
         if approximate not in ("none", "tanh"):
-            raise ValueError(f"gelu_and_mul: argument 'approximate' must be 'none' or 'tanh', got {approximate!r}")
+            raise ValueError(
+                f"gelu_and_mul: argument 'approximate' must be 'none' or 'tanh', got {approximate!r}"
+            )
         return self._gelu_and_mul(x, approximate)
 
     def reshape_and_cache(
@@ -206,7 +212,9 @@ class Backend(ABC):
         check_dim(op, "metadata.block_tables", md.block_tables.shape[0], num_seqs, "row count")
         check_dim(op, "metadata.slot_mapping", md.slot_mapping.shape[0], q.shape[0], "length")
         if md.sliding_window is not None and md.sliding_window <= 0:
-            raise ValueError(f"{op}: argument 'metadata.sliding_window' must be positive or None, got {md.sliding_window}")
+            raise ValueError(
+                f"{op}: argument 'metadata.sliding_window' must be positive or None, got {md.sliding_window}"
+            )
         if md.max_seq_len > md.block_tables.shape[1] * k_cache.shape[1]:
             raise ValueError(
                 f"{op}: argument 'metadata.block_tables' covers {md.block_tables.shape[1] * k_cache.shape[1]} tokens, "
@@ -253,7 +261,9 @@ class Backend(ABC):
             if value <= 0:
                 raise ValueError(f"allocate_kv_cache: argument '{arg}' must be positive, got {value}")
         if dtype not in self.capabilities.dtypes:
-            raise ValueError(f"allocate_kv_cache: argument 'dtype' {dtype} is not supported by backend {self.name!r}")
+            raise ValueError(
+                f"allocate_kv_cache: argument 'dtype' {dtype} is not supported by backend {self.name!r}"
+            )
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         dev = self.device(device_index)
         return [
@@ -261,7 +271,9 @@ class Backend(ABC):
             for _ in range(num_layers)
         ]
 
-    def create_xtensor(self, num_pages: int, page_size_bytes: int | None = None, device_index: int = 0) -> XTensor:
+    def create_xtensor(
+        self, num_pages: int, page_size_bytes: int | None = None, device_index: int = 0
+    ) -> XTensor:
         """Reserves ``num_pages`` pages of virtual memory; none are mapped yet."""
         if not self.capabilities.virtual_memory:
             raise NotSupportedError(f"backend {self.name!r} has no virtual-memory xTensor support")
@@ -316,7 +328,12 @@ class Backend(ABC):
 
     @abstractmethod
     def _rotary_embedding(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, neox_style: bool
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        neox_style: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @abstractmethod
@@ -327,7 +344,12 @@ class Backend(ABC):
 
     @abstractmethod
     def _reshape_and_cache(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
     ) -> None: ...
 
     @abstractmethod
@@ -381,7 +403,9 @@ class Backend(ABC):
         check_tensor(op, "k_cache", k_cache, ndim=4, dtypes=(k.dtype,))
         check_tensor(op, "v_cache", v_cache, ndim=4, dtypes=(k.dtype,))
         if v.shape != k.shape:
-            raise ValueError(f"{op}: argument 'v' has shape {tuple(v.shape)}, expected {tuple(k.shape)} like 'k'")
+            raise ValueError(
+                f"{op}: argument 'v' has shape {tuple(v.shape)}, expected {tuple(k.shape)} like 'k'"
+            )
         if v_cache.shape != k_cache.shape:
             raise ValueError(
                 f"{op}: argument 'v_cache' has shape {tuple(v_cache.shape)}, expected {tuple(k_cache.shape)}"
@@ -395,5 +419,7 @@ class Backend(ABC):
     def _check_sampling(self, op: str, logits: torch.Tensor, sampling: SamplingMetadata) -> None:
         check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
         if not isinstance(sampling, SamplingMetadata):
-            raise ValueError(f"{op}: argument 'sampling' must be SamplingMetadata, got {type(sampling).__name__}")
+            raise ValueError(
+                f"{op}: argument 'sampling' must be SamplingMetadata, got {type(sampling).__name__}"
+            )
         check_dim(op, "sampling.temperature", sampling.num_rows, logits.shape[0], "row count")

@@ -52,7 +52,10 @@ class GraphRunner(ABC):
         self.max_capture_size = sizes[-1]
         self.static_inputs: dict[str, torch.Tensor] = {
             name: torch.full(
-                (self.max_capture_size, *spec.trailing_shape), spec.pad_value, dtype=spec.dtype, device=self.device
+                (self.max_capture_size, *spec.trailing_shape),
+                spec.pad_value,
+                dtype=spec.dtype,
+                device=self.device,
             )
             for name, spec in self.input_specs.items()
         }
@@ -91,14 +94,20 @@ class GraphRunner(ABC):
         The returned tensor is a view of a static buffer: the next `run` overwrites it.
         """
         if set(inputs) != set(self.static_inputs):
-            raise ValueError(f"GraphRunner.run expects inputs {sorted(self.static_inputs)}, got {sorted(inputs)}")
+            raise ValueError(
+                f"GraphRunner.run expects inputs {sorted(self.static_inputs)}, got {sorted(inputs)}"
+            )
         batch_sizes = {t.shape[0] for t in inputs.values()}
         if len(batch_sizes) != 1:
-            raise ValueError(f"all graph inputs must share the batch dimension, got sizes {sorted(batch_sizes)}")
+            raise ValueError(
+                f"all graph inputs must share the batch dimension, got sizes {sorted(batch_sizes)}"
+            )
         batch_size = batch_sizes.pop()
         size = self.bucket_for(batch_size)
         if size is None:
-            raise ValueError(f"batch of {batch_size} exceeds the largest capture size {self.max_capture_size}")
+            raise ValueError(
+                f"batch of {batch_size} exceeds the largest capture size {self.max_capture_size}"
+            )
         for name, tensor in inputs.items():
             spec = self.input_specs[name]
             if tuple(tensor.shape[1:]) != spec.trailing_shape:

@@ -78,7 +78,9 @@ class XTensor(ABC):
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
         if offset_bytes < 0 or offset_bytes % itemsize:
-            raise ValueError(f"offset_bytes must be a non-negative multiple of {itemsize}, got {offset_bytes}")
+            raise ValueError(
+                f"offset_bytes must be a non-negative multiple of {itemsize}, got {offset_bytes}"
+            )
         if offset_bytes + nbytes > self.size_bytes:
             raise ValueError(
                 f"view of {nbytes} bytes at offset {offset_bytes} exceeds the reserved {self.size_bytes} bytes"

@@ -29,7 +29,9 @@ def check_tensor(
             raise ValueError(f"{op}: argument '{name}' must have {want} dims, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{op}: argument '{name}' must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+        raise ValueError(
+            f"{op}: argument '{name}' must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}"
+        )
     return t
 
 
