@@ -58,9 +58,10 @@ def test_compute_metrics_all_failed() -> None:
     assert m["completed"] == 0 and m["mean_ttft_ms"] == 0.0
 
 
-def test_random_prompt_sized_by_tokenizer() -> None:
-    from fake_async_llm import FakeTokenizer  # one token per character
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_random_prompt_sized_by_tokenizer(tiny_llama_dir, seed: int) -> None:
+    from xllm.models import load_tokenizer
 
-    tok = FakeTokenizer()
-    prompt = random_prompt(random.Random(2), 20, tok)
+    tok = load_tokenizer(tiny_llama_dir)  # the real BPE tokenizer of the tiny checkpoint
+    prompt = random_prompt(random.Random(seed), 20, tok)
     assert len(tok(prompt, add_special_tokens=False)["input_ids"]) == 20

@@ -253,10 +253,18 @@ def create_app(
     config: ServerConfig,
     engine_factory: Callable[[], Any] | None = None,
     state: ServerState | None = None,
+    engine: Any = None,
 ) -> FastAPI:
-    """Build the app; `engine_factory` (run in a thread) defaults to `AsyncLLM(model=..., **engine_kwargs)`."""
+    """Build the app; `engine_factory` (run in a thread) defaults to `AsyncLLM(model=..., **engine_kwargs)`.
+
+    `engine` serves an engine the caller has already built (e.g. to embed the server in a
+    process that owns an `AsyncLLM`); the caller keeps ownership, so the app does not shut it down.
+    """
+    if engine is not None and engine_factory is not None:
+        raise ValueError("pass either engine or engine_factory, not both")
     state = state or ServerState(config)
-    factory = engine_factory or default_engine_factory(config)
+    owns_engine = engine is None
+    factory = (lambda: engine) if engine is not None else engine_factory or default_engine_factory(config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -286,7 +294,7 @@ def create_app(
         try:
             yield
         finally:
-            if state.engine is not None:
+            if state.engine is not None and owns_engine:
                 try:
                     await state.engine.shutdown()
                 except Exception:
