@@ -233,7 +233,9 @@ def _build_attention() -> list[Case]:
         (8, 2, 64, 16, None, "mixed3", "mixed", True),
         (8, 2, 64, 16, 8, "mixed3", "mixed", True),
         (8, 1, 128, 32, None, "mixed3", "mixed", False),
-        (4, 1, 128, 16, None, "prefill", "prefill", False),
+        # Small too: its 33-token prefill crosses two block borders, where causal-mask
+        # off-by-ones hide (the interpreted CUDA run uses only the small cases).
+        (4, 1, 128, 16, None, "prefill", "prefill", True),
         (4, 4, 128, 32, 16, "chunk", "chunk", False),
         (8, 2, 128, 16, None, "decode4", "decode", False),
         (16, 2, 64, 32, 24, "mixed4", "mixed", False),
