@@ -156,6 +156,21 @@ class Backend(ABC):
             )
         return self._gelu_and_mul(x, approximate)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias``: x [T, in], weight [out, in] (Hugging Face layout), bias [out].
+
+        Linear layers are plain torch matmuls by default; a backend overrides `_linear` only where
+        it has something better (the CPU backend splits decode-sized GEMVs across its cores).
+        """
+        op = "linear"
+        check_tensor(op, "x", x, ndim=2, dtypes=self.capabilities.dtypes)
+        check_tensor(op, "weight", weight, ndim=2, dtypes=(x.dtype,))
+        check_dim(op, "weight", weight.shape[1], x.shape[1], "input features")
+        if bias is not None:
+            check_tensor(op, "bias", bias, ndim=1, dtypes=(x.dtype,))
+            check_dim(op, "bias", bias.shape[0], weight.shape[0], "length")
+        return self._linear(x, weight, bias)
+
     def reshape_and_cache(
         self,
         k: torch.Tensor,
@@ -341,6 +356,9 @@ class Backend(ABC):
 
     @abstractmethod
     def _gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor: ...
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
 
     @abstractmethod
     def _reshape_and_cache(

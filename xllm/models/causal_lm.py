@@ -75,4 +75,4 @@ class CausalLM:
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 [N, vocab]; the runner passes only the rows it samples from."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.backend.linear(hidden, self.lm_head).float()

@@ -2,8 +2,8 @@
 
 Every numeric kernel goes through the HAL `Backend` passed in (``backend.rms_norm``,
 ``backend.rotary_embedding``, ``backend.reshape_and_cache``, ``backend.attention``,
-``backend.silu_and_mul``); the only torch ops used directly are matrix multiplies
-(``F.linear``), views and embedding lookups, which every torch device runs. Weights are plain
+``backend.silu_and_mul``, ``backend.linear`` for the projections); the only torch ops used
+directly are views and embedding lookups, which every torch device runs. Weights are plain
 tensors already fused the way the kernels want them (q/k/v in one matrix, gate/up in one), so a
 forward step issues one GEMM per projection group.
 
@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from xllm.hal.backend import Backend
 from xllm.hal.metadata import AttentionMetadata
@@ -155,7 +154,7 @@ class Attention:
         md: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.backend.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -168,7 +167,7 @@ class Attention:
         k_cache, v_cache = kv_cache
         self.backend.reshape_and_cache(k, v, k_cache, v_cache, md.slot_mapping)
         out = self.backend.attention(q, k, v, k_cache, v_cache, md)
-        return F.linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
+        return self.backend.linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 
 
 class GatedMLP:
@@ -180,7 +179,8 @@ class GatedMLP:
         self.down_weight = down_weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.backend.silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        gate_up = self.backend.linear(x, self.gate_up_weight)
+        return self.backend.linear(self.backend.silu_and_mul(gate_up), self.down_weight)
 
 
 class DecoderLayer:

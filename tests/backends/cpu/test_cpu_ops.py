@@ -167,3 +167,25 @@ def test_bad_inputs_raise_value_error_naming_argument(cpu):
             kc.clone(),
             torch.zeros(3, dtype=torch.int64),
         )
+
+
+def test_linear_split_across_cores_equals_one_gemm(cpu):
+    """The decode-sized batched GEMM over weight slices must give F.linear's result."""
+    backend = cpu
+    gen = torch.Generator().manual_seed(0)
+    for out_features in (4096, 4099):  # an odd width falls back to one GEMM
+        weight = torch.randn(out_features, 96, generator=gen)
+        bias = torch.randn(out_features, generator=gen)
+        for rows in (1, 3, 64, 300):
+            x = torch.randn(rows, 96, generator=gen)
+            want = torch.nn.functional.linear(x, weight, bias)
+            assert torch.allclose(backend.linear(x, weight, bias), want, atol=1e-5, rtol=1e-5)
+            assert torch.allclose(backend.linear(x, weight), want - bias, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_rejects_mismatched_shapes(cpu):
+    backend = cpu
+    with pytest.raises(ValueError, match="'weight'"):
+        backend.linear(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(ValueError, match="'bias'"):
+        backend.linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5))

@@ -2,7 +2,7 @@
 
 Keys and values are always read from the paged cache [num_blocks, block_size, num_kv_heads,
 head_dim] through the block tables (see `AttentionMetadata`). All decode rows (query length 1)
-are gathered into one padded batch and attended with a handful of batched matmuls; each prefill
+are gathered into one padded batch and attended with torch's fused SDPA; each prefill
 chunk is attended on its own, in query chunks that bound the size of the score matrix. Scores,
 softmax and the weighted sum are float32; the result is cast back to q's dtype.
 """
@@ -10,6 +10,7 @@ softmax and the weighted sum are float32; the result is cast back to q's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from xllm.hal.metadata import AttentionMetadata
 
@@ -80,12 +81,38 @@ def _decode(
     seq_lens: torch.Tensor,
     md: AttentionMetadata,
 ) -> torch.Tensor:
-    """One query per sequence (q: [B, Hq, D]), all sequences padded to the longest context."""
+    """One query per sequence (q: [B, Hq, D]), all sequences padded to the longest context.
+
+    The decode hot path: the context is gathered once, token-major, and handed to torch's fused
+    SDPA as a transposed view, so no second (transposing) copy is made; the mask hides the
+    padding past each sequence's length and, with a window, the keys that slid out of it.
+    """
     ctx_len = int(seq_lens.max())
-    k_ctx = _gather_context(k_cache, block_tables, seq_lens, ctx_len)
-    v_ctx = _gather_context(v_cache, block_tables, seq_lens, ctx_len)
+    k_ctx = _gather_tokens(k_cache, block_tables, seq_lens, ctx_len)
+    v_ctx = _gather_tokens(v_cache, block_tables, seq_lens, ctx_len)
     mask = _visible((seq_lens - 1).view(-1, 1), ctx_len, seq_lens, md.sliding_window)
-    return _attend(q.unsqueeze(1), k_ctx, v_ctx, mask, md.scale).squeeze(1)
+    b, hq, d = q.shape
+    out = F.scaled_dot_product_attention(
+        q.to(torch.float32).view(b, hq, 1, d),
+        k_ctx.transpose(1, 2),
+        v_ctx.transpose(1, 2),
+        attn_mask=mask.view(b, 1, 1, ctx_len),
+        scale=md.scale,
+        enable_gqa=True,  # query head h reads KV head h // (Hq / Hkv)
+    )
+    return out.view(b, hq, d)
+
+
+def _gather_tokens(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """[B, ctx_len, num_kv_heads, head_dim] float32 view of each row's first ctx_len cached tokens."""
+    block_size = cache.shape[1]
+    num_blocks = -(-ctx_len // block_size)
+    tables = block_tables[:, :num_blocks].to(torch.int64)
+    # Entries past a sequence's last block may hold anything: point them at block 0 (masked).
+    blocks_used = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    in_use = torch.arange(num_blocks).unsqueeze(0) < blocks_used.unsqueeze(1)
+    tables = torch.where(in_use, tables, torch.zeros_like(tables))
+    return cache[tables].flatten(1, 2)[:, :ctx_len].to(torch.float32)
 
 
 def paged_attention(

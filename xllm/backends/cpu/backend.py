@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from xllm.backends.cpu import attention, ops
+from xllm.backends.cpu import attention, linear, ops
 from xllm.backends.cpu import sampling as cpu_sampling  # the contract names a parameter `sampling`
 from xllm.backends.cpu.comm import GlooCommunicator
 from xllm.backends.cpu.graphs import CpuGraphRunner
@@ -85,6 +85,9 @@ class CpuBackend(Backend):
         neox_style: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rotary_embedding(positions, q, k, cos_sin_cache, neox_style)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear.linear(x, weight, bias)
 
     def _silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return ops.silu_and_mul(x)

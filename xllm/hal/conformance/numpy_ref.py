@@ -123,6 +123,12 @@ class NumpyReference:
 
     # ------------------------------------------------------------------ gated activations
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = to_numpy(x) @ to_numpy(weight).T
+        if bias is not None:
+            out = out + to_numpy(bias)
+        return _out(out)
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         a = to_numpy(x)
         d = a.shape[-1] // 2

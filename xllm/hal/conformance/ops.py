@@ -160,6 +160,39 @@ def _check_gelu(case: Case, backend: Any, reference: Any, chk: Checker) -> None:
     chk.close("out", out, ref)
 
 
+# ---------------------------------------------------------------------------------- linear
+
+
+def _build_linear() -> list[Case]:
+    # (tokens, in, out, bias, small): a single decode row, a few rows over a wide projection
+    # (backends split such GEMVs across cores), and a prefill-sized block.
+    shapes = [
+        (1, 64, 256, False, True),
+        (3, 128, 4096, True, True),
+        (1, 256, 3072, False, False),
+        (64, 256, 512, True, False),
+    ]
+    return [
+        make_case("linear", dtype, small=small, T=t, n_in=n_in, n_out=n_out, bias=bias)
+        for dtype in DTYPES
+        for t, n_in, n_out, bias, small in shapes
+    ]
+
+
+def _check_linear(case: Case, backend: Any, reference: Any, chk: Checker) -> None:
+    p, gen = case.p, generator(case.seed)
+    data = {
+        "x": randn(gen, (p["T"], p["n_in"]), case.dtype),
+        "w": randn(gen, (p["n_out"], p["n_in"]), case.dtype, scale=p["n_in"] ** -0.5),
+        "b": randn(gen, (p["n_out"],), case.dtype) if p["bias"] else None,
+    }
+    (out, mine), (ref, _) = _both(
+        backend, reference, lambda side, d: side.linear(d["x"], d["w"], d["b"]), data
+    )
+    chk.close("out", out, ref)
+    chk.exact("x unchanged", mine["x"], data["x"])
+
+
 # ---------------------------------------------------------------------------------- reshape_and_cache
 
 
@@ -472,6 +505,7 @@ register_kind(
 register_kind(
     "rotary_embedding", _build_rotary, _check_rotary, description="RoPE, neox and gptj, partial rot_dim"
 )
+register_kind("linear", _build_linear, _check_linear, description="x @ weight.T + bias")
 register_kind("silu_and_mul", _build_silu, _check_silu, description="SwiGLU gate")
 register_kind("gelu_and_mul", _build_gelu, _check_gelu, description="GeGLU gate, erf and tanh")
 register_kind(
