@@ -99,6 +99,9 @@ CASES = {
     "mixed": ([10, 3, 17, 6], [1, 3, 4, 1], 6, 2, None),
     "sliding_window": ([10, 3, 17, 6], [1, 3, 9, 1], 4, 2, 4),
     "window_one": ([8, 5], [3, 1], 2, 1, 1),
+    # More decode rows than one length group (16): rows are grouped by context length.
+    "decode_ragged_groups": ([(i * 7) % 37 + 1 for i in range(40)], [1] * 40, 4, 2, None),
+    "decode_groups_window": ([(i * 5) % 29 + 1 for i in range(20)], [1] * 20, 4, 1, 6),
 }
 
 

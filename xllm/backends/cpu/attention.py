@@ -73,6 +73,11 @@ def _visible(
     return mask
 
 
+# Decode rows are attended in groups of similar context length, each padded only to its own
+# longest context: a ragged batch padded as a whole gathers and scores up to twice the keys.
+_DECODE_GROUP_ROWS = 16
+
+
 def _decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -81,11 +86,28 @@ def _decode(
     seq_lens: torch.Tensor,
     md: AttentionMetadata,
 ) -> torch.Tensor:
-    """One query per sequence (q: [B, Hq, D]), all sequences padded to the longest context.
+    """One query per sequence (q: [B, Hq, D]) -> float32 [B, Hq, D]."""
+    if q.shape[0] <= _DECODE_GROUP_ROWS:
+        return _decode_group(q, k_cache, v_cache, block_tables, seq_lens, md)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for rows in torch.argsort(seq_lens).split(_DECODE_GROUP_ROWS):
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, block_tables[rows], seq_lens[rows], md)
+    return out
 
-    The decode hot path: the context is gathered once, token-major, and handed to torch's fused
-    SDPA as a transposed view, so no second (transposing) copy is made; the mask hides the
-    padding past each sequence's length and, with a window, the keys that slid out of it.
+
+def _decode_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    md: AttentionMetadata,
+) -> torch.Tensor:
+    """Rows padded to the group's longest context.
+
+    The context is gathered once, token-major, and handed to torch's fused SDPA as a transposed
+    view, so no second (transposing) copy is made; the mask hides the padding past each
+    sequence's length and, with a window, the keys that slid out of it.
     """
     ctx_len = int(seq_lens.max())
     k_ctx = _gather_tokens(k_cache, block_tables, seq_lens, ctx_len)
