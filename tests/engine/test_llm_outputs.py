@@ -90,6 +90,14 @@ def test_stop_token_ids(llm):
     c = llm.generate([prompt], greedy(24, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop_id
     assert c.token_ids == full.token_ids[: k + 1]
+    # As in vLLM, the stop token's text is left out of the output unless asked for.
+    tok = llm.tokenizer
+    assert c.text == tok.decode(full.token_ids[:k], skip_special_tokens=True)
+    kept = llm.generate(
+        [prompt], greedy(24, stop_token_ids=[stop_id], include_stop_str_in_output=True), use_tqdm=False
+    )[0].outputs[0]
+    assert kept.token_ids == c.token_ids
+    assert kept.text == tok.decode(full.token_ids[: k + 1], skip_special_tokens=True)
 
 
 def test_max_tokens_finishes_with_length(llm):

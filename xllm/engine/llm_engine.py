@@ -331,13 +331,19 @@ class LLMEngine:
             seq.logprobs.append(sampled.logprobs)
         params = seq.params
         n_out = seq.num_output_tokens
-        # Before min_tokens no stop condition applies, so a stop string must not cut the text either.
-        stop_str = seq.detokenizer.add_token(token, check_stop=n_out >= params.min_tokens)
+        may_stop = n_out >= params.min_tokens  # before min_tokens no stop condition applies
+        is_eos = may_stop and not params.ignore_eos and token in self.eos_token_ids
+        is_stop_id = may_stop and token in params.stop_token_ids
+        if (is_eos or is_stop_id) and not params.include_stop_str_in_output:
+            # As in vLLM, the stop token stays in token_ids but its text is not part of the output.
+            return self._finish(seq, "stop", None if is_eos else token)
+        # Before min_tokens a stop string must not cut the text either.
+        stop_str = seq.detokenizer.add_token(token, check_stop=may_stop)
         seq.text = seq.detokenizer.stable_text  # the full text once finished (see _finish)
-        if n_out >= params.min_tokens:
-            if not params.ignore_eos and token in self.eos_token_ids:
+        if may_stop:
+            if is_eos:
                 return self._finish(seq, "stop")
-            if token in params.stop_token_ids:
+            if is_stop_id:
                 return self._finish(seq, "stop", token)
             if stop_str is not None:
                 return self._finish(seq, "stop", stop_str)
