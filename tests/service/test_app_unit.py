@@ -131,6 +131,22 @@ def test_sse_format() -> None:
     assert sse("[DONE]") == "data: [DONE]\n\n"
 
 
+async def test_embedded_default_model_is_served_as_xllm_default(tmp_path, monkeypatch) -> None:
+    # `xllm serve` without --model: the name clients send is "xllm-default", not a cache path.
+    monkeypatch.setenv("XLLM_CACHE_DIR", str(tmp_path))
+    engine = AsyncLLM(model=None, max_model_len=128, kv_cache_memory="4MiB")
+    try:
+        async for client, _ in make_client(engine, served_model_name=None):
+            models = (await client.get("/v1/models")).json()
+            assert [m["id"] for m in models["data"]] == ["xllm-default"]
+            r = await client.post(
+                "/v1/completions", json={"model": "xllm-default", "prompt": "hi", "max_tokens": 2}
+            )
+            assert r.status_code == 200 and r.json()["model"] == "xllm-default"
+    finally:
+        await engine.shutdown()
+
+
 async def test_health_models_version(shared_engine: AsyncLLM) -> None:
     # No --served-model-name: the model is listed under the engine's own name.
     async for client, _ in make_client(shared_engine, served_model_name=None):

@@ -91,7 +91,10 @@ class ServerState:
 
     def ready(self, engine: Any) -> None:
         self.engine = engine
-        if not self.config.served_model_name:
+        engine_model = getattr(getattr(engine, "config", None), "model", None)
+        if not self.config.served_model_name and (engine_model or self.config.model):
+            # As vLLM: a model given by path is served under that path; the embedded default
+            # model keeps the short name "xllm-default" rather than its cache directory.
             self.model_name = str(getattr(engine, "model_name", None) or self.model_name)
         self.serving = Serving(engine, self.model_name, self.metrics, self.active_ids, self.config.max_queue)
         if self.phase is Phase.LOADING:
