@@ -388,7 +388,10 @@ class Serving:
         outputs = run.outputs()
         first = await self._first(outputs, run)
         if req.stream:
-            return self._completion_stream(req, ctx, subs, outputs, first)
+            events = self._completion_events(req, ctx, outputs, first)
+            return self._framed_stream(
+                ctx, subs, outputs, events, CompletionChunk, req.include_usage_in_stream
+            )
         try:
             await self._drain(outputs, first, ctx)
         finally:
@@ -436,75 +439,59 @@ class Serving:
         acc.top_logprobs += more.top_logprobs
         acc.text_offset += more.text_offset
 
-    async def _completion_stream(
+    async def _completion_events(
         self,
         req: CompletionRequest,
         ctx: RequestContext,
-        subs: list[SubRequest],
         outputs: AsyncIterator[tuple[SubRequest, Any]],
         first: tuple[SubRequest, Any] | None,
     ) -> AsyncIterator[str]:
+        """The body of the stream: one SSE event per new piece of a choice (see `_framed_stream`)."""
         cursors: dict[int, ChoiceCursor] = {}
-        try:
-            async for sub, out in self._with_first(outputs, first):
-                self._note_progress(ctx, out)
-                for o in out.outputs:
-                    idx = sub.choice_base + o.index
-                    cur = cursors.setdefault(idx, ChoiceCursor())
-                    if cur.finished:
-                        continue
-                    delta_text = o.text[cur.text_len :]
-                    new_ids = list(o.token_ids[cur.num_tokens :])
-                    lps = None
-                    if not cur.started and req.echo:
-                        prompt_text = (
-                            sub.prompt_text
-                            if sub.prompt_text is not None
-                            else self.tokenizer.decode(sub.prompt_ids)
-                        )
-                        delta_text = prompt_text + delta_text
-                        if req.logprobs is not None:
-                            lps = self.completion_logprobs(
-                                sub.prompt_ids, getattr(out, "prompt_logprobs", None), req.logprobs, cur
-                            )
+        async for sub, out in self._with_first(outputs, first):
+            self._note_progress(ctx, out)
+            for o in out.outputs:
+                idx = sub.choice_base + o.index
+                cur = cursors.setdefault(idx, ChoiceCursor())
+                if cur.finished:
+                    continue
+                delta_text = o.text[cur.text_len :]
+                new_ids = list(o.token_ids[cur.num_tokens :])
+                lps = None
+                if not cur.started and req.echo:
+                    prompt_text = (
+                        sub.prompt_text
+                        if sub.prompt_text is not None
+                        else self.tokenizer.decode(sub.prompt_ids)
+                    )
+                    delta_text = prompt_text + delta_text
                     if req.logprobs is not None:
-                        new_lps = list(o.logprobs[cur.num_tokens :]) if o.logprobs is not None else None
-                        gen = self.completion_logprobs(new_ids, new_lps, req.logprobs, cur)
-                        if lps is None:
-                            lps = gen
-                        else:
-                            self._extend(lps, gen)
-                    finished = o.finish_reason is not None
-                    if not delta_text and not finished and cur.started:
-                        continue
-                    cur.started = True
-                    cur.text_len, cur.num_tokens = len(o.text), len(o.token_ids)
-                    cur.finished = finished
-                    chunk = CompletionChunk(
-                        id=ctx.request_id,
-                        model=self.served_model_name,
-                        choices=[
-                            CompletionChoice(
-                                index=idx, text=delta_text, logprobs=lps, finish_reason=o.finish_reason
-                            )
-                        ],
-                    )
-                    yield sse(chunk)
-            self._finish(ctx, subs)
-            if req.include_usage_in_stream:
-                yield sse(
-                    CompletionChunk(
-                        id=ctx.request_id, model=self.served_model_name, choices=[], usage=self._usage(ctx)
-                    )
+                        lps = self.completion_logprobs(
+                            sub.prompt_ids, getattr(out, "prompt_logprobs", None), req.logprobs, cur
+                        )
+                if req.logprobs is not None:
+                    new_lps = list(o.logprobs[cur.num_tokens :]) if o.logprobs is not None else None
+                    gen = self.completion_logprobs(new_ids, new_lps, req.logprobs, cur)
+                    if lps is None:
+                        lps = gen
+                    else:
+                        self._extend(lps, gen)
+                finished = o.finish_reason is not None
+                if not delta_text and not finished and cur.started:
+                    continue
+                cur.started = True
+                cur.text_len, cur.num_tokens = len(o.text), len(o.token_ids)
+                cur.finished = finished
+                chunk = CompletionChunk(
+                    id=ctx.request_id,
+                    model=self.served_model_name,
+                    choices=[
+                        CompletionChoice(
+                            index=idx, text=delta_text, logprobs=lps, finish_reason=o.finish_reason
+                        )
+                    ],
                 )
-        except OpenAIError as exc:
-            yield sse(exc.body())
-        except Exception:
-            logger.exception("request %s failed mid-stream", ctx.request_id)
-            yield sse(internal_error().body())
-        finally:
-            await outputs.aclose()
-        yield SSE_DONE
+                yield sse(chunk)
 
     # ---- chat -------------------------------------------------------------------------------
 
@@ -523,7 +510,10 @@ class Serving:
         outputs = run.outputs()
         first = await self._first(outputs, run)
         if req.stream:
-            return self._chat_stream(req, ctx, subs, outputs, first, top_n)
+            events = self._chat_events(req, ctx, outputs, first, top_n)
+            return self._framed_stream(
+                ctx, subs, outputs, events, ChatCompletionChunk, req.include_usage_in_stream
+            )
         try:
             await self._drain(outputs, first, ctx)
         finally:
@@ -546,64 +536,79 @@ class Serving:
             id=ctx.request_id, model=self.served_model_name, choices=choices, usage=self._usage(ctx)
         )
 
-    async def _chat_stream(
+    async def _chat_events(
         self,
         req: ChatCompletionRequest,
         ctx: RequestContext,
-        subs: list[SubRequest],
         outputs: AsyncIterator[tuple[SubRequest, Any]],
         first: tuple[SubRequest, Any] | None,
         top_n: int | None,
     ) -> AsyncIterator[str]:
+        """The body of the stream: one SSE event per new piece of a choice (see `_framed_stream`)."""
         cursors: dict[int, ChoiceCursor] = {}
-        try:
-            # OpenAI sends the role alone in each choice's first delta, before any content.
-            for i in range(req.n):
+        # OpenAI sends the role alone in each choice's first delta, before any content.
+        for i in range(req.n):
+            yield sse(
+                ChatCompletionChunk(
+                    id=ctx.request_id,
+                    model=self.served_model_name,
+                    choices=[
+                        ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                    ],
+                )
+            )
+        async for sub, out in self._with_first(outputs, first):
+            self._note_progress(ctx, out)
+            for o in out.outputs:
+                idx = sub.choice_base + o.index
+                cur = cursors.setdefault(idx, ChoiceCursor())
+                if cur.finished:
+                    continue
+                delta_text = o.text[cur.text_len :]
+                finished = o.finish_reason is not None
+                if not delta_text and not finished:
+                    continue
+                lps = None
+                if top_n is not None:
+                    new_lps = list(o.logprobs[cur.num_tokens :]) if o.logprobs is not None else None
+                    lps = self.chat_logprobs(list(o.token_ids[cur.num_tokens :]), new_lps, top_n)
+                cur.text_len, cur.num_tokens, cur.finished = len(o.text), len(o.token_ids), finished
                 yield sse(
                     ChatCompletionChunk(
                         id=ctx.request_id,
                         model=self.served_model_name,
                         choices=[
                             ChatCompletionStreamChoice(
-                                index=i, delta=DeltaMessage(role="assistant", content="")
+                                index=idx,
+                                delta=DeltaMessage(content=delta_text),
+                                logprobs=lps,
+                                finish_reason=o.finish_reason,
                             )
                         ],
                     )
                 )
-            async for sub, out in self._with_first(outputs, first):
-                self._note_progress(ctx, out)
-                for o in out.outputs:
-                    idx = sub.choice_base + o.index
-                    cur = cursors.setdefault(idx, ChoiceCursor())
-                    if cur.finished:
-                        continue
-                    delta_text = o.text[cur.text_len :]
-                    finished = o.finish_reason is not None
-                    if not delta_text and not finished:
-                        continue
-                    lps = None
-                    if top_n is not None:
-                        new_lps = list(o.logprobs[cur.num_tokens :]) if o.logprobs is not None else None
-                        lps = self.chat_logprobs(list(o.token_ids[cur.num_tokens :]), new_lps, top_n)
-                    cur.text_len, cur.num_tokens, cur.finished = len(o.text), len(o.token_ids), finished
-                    yield sse(
-                        ChatCompletionChunk(
-                            id=ctx.request_id,
-                            model=self.served_model_name,
-                            choices=[
-                                ChatCompletionStreamChoice(
-                                    index=idx,
-                                    delta=DeltaMessage(content=delta_text),
-                                    logprobs=lps,
-                                    finish_reason=o.finish_reason,
-                                )
-                            ],
-                        )
-                    )
+
+    # ---- shared plumbing --------------------------------------------------------------------
+
+    async def _framed_stream(
+        self,
+        ctx: RequestContext,
+        subs: list[SubRequest],
+        outputs: AsyncIterator[tuple[SubRequest, Any]],
+        events: AsyncIterator[str],
+        chunk_cls: type[CompletionChunk] | type[ChatCompletionChunk],
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        """SSE framing both endpoints share: the body's events, then the usage chunk if asked for;
+        a failure mid-stream becomes an OpenAI error event (never a stack trace); the engine
+        stream is always closed (aborting what is unfinished) and ``[DONE]`` always ends it."""
+        try:
+            async for event in events:
+                yield event
             self._finish(ctx, subs)
-            if req.include_usage_in_stream:
+            if include_usage:
                 yield sse(
-                    ChatCompletionChunk(
+                    chunk_cls(
                         id=ctx.request_id, model=self.served_model_name, choices=[], usage=self._usage(ctx)
                     )
                 )
@@ -613,10 +618,9 @@ class Serving:
             logger.exception("request %s failed mid-stream", ctx.request_id)
             yield sse(internal_error().body())
         finally:
+            await events.aclose()
             await outputs.aclose()
         yield SSE_DONE
-
-    # ---- shared plumbing --------------------------------------------------------------------
 
     async def _first(
         self, outputs: AsyncIterator[tuple[SubRequest, Any]], run: EngineRun
