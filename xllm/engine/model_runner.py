@@ -151,10 +151,7 @@ class ModelRunner:
             and runner.bucket_for(len(scheduled)) is not None
             and not prompt_lp_rows
         ):
-            tables = torch.zeros((len(scheduled), self.max_blocks_per_seq), dtype=torch.int32)
-            for i, item in enumerate(scheduled):
-                t = item.seq.block_table
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            tables = _block_tables(scheduled, self.max_blocks_per_seq)
             logits = runner.run(
                 input_ids=torch.tensor(input_ids, dtype=torch.int64).to(self.device),
                 positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
@@ -169,10 +166,7 @@ class ModelRunner:
             )
         else:
             width = max(len(item.seq.block_table) for item in scheduled)
-            tables = torch.zeros((len(scheduled), width), dtype=torch.int32)
-            for i, item in enumerate(scheduled):
-                t = item.seq.block_table
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            tables = _block_tables(scheduled, width)
             metadata = AttentionMetadata(
                 query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(self.device),
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
@@ -297,3 +291,11 @@ class ModelRunner:
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+
+def _block_tables(scheduled: list[ScheduledSequence], width: int) -> torch.Tensor:
+    """[B, width] int32 block tables padded with block 0, built in one tensor construction."""
+    return torch.tensor(
+        [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in scheduled],
+        dtype=torch.int32,
+    )
