@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -161,7 +160,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 29) -> float:
     return nbytes / best
 
 
-def measure_decode_step(llm, vocab: int, steps: int = 64) -> float:
+def measure_decode_step(llm, steps: int = 64) -> float:
     """Median seconds per decode step for one sequence (prompt of 32 tokens)."""
     from xllm import SamplingParams
 
@@ -237,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         weight_bytes = model_weight_bytes(llm.engine.model)
         bandwidth = measure_read_bandwidth()
         floor_s = weight_bytes / bandwidth
-        step_s = measure_decode_step(llm, vocab)
+        step_s = measure_decode_step(llm)
         report["decode_batch1"] = {
             "step_ms": step_s * 1e3,
             "floor_ms": floor_s * 1e3,
@@ -257,7 +256,3 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 f.write(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(0)
