@@ -148,3 +148,72 @@ def test_logprobs_match_transformers(reference):
             assert entry[t].rank == 1  # greedy picks the most likely token
             assert len(entry) <= 4
     assert_no_leak(llm)
+
+
+MIN_TOKENS_PROMPTS = 6
+
+
+@pytest.fixture(scope="module")
+def eos_heavy_checkpoint(reference, tmp_path_factory):
+    """A copy of the family's checkpoint whose EOS set also holds the token greedy decoding emits
+    most often, so EOS is the argmax at many steps and a min-tokens mask is really exercised."""
+    import collections
+    import json
+    import shutil
+
+    family, path, prompts, tokens, _ = reference
+    counts = collections.Counter(t for row in tokens[:MIN_TOKENS_PROMPTS] for t in row)
+    frequent = counts.most_common(1)[0][0]
+    out = tmp_path_factory.mktemp(f"{family}-eos-heavy")
+    shutil.copytree(path, out, dirs_exist_ok=True)
+    for name in ("generation_config.json", "config.json"):
+        cfg = json.loads((out / name).read_text())
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        cfg["eos_token_id"] = sorted({*eos, frequent})
+        (out / name).write_text(json.dumps(cfg, indent=2))
+    return family, out, prompts[:MIN_TOKENS_PROMPTS], frequent
+
+
+def test_min_tokens_matches_transformers_min_new_tokens(eos_heavy_checkpoint):
+    """Greedy with min_tokens = max_tokens equals transformers' min_new_tokens = max_new_tokens:
+    EOS is masked out of the logits (not sampled and then ignored) until min_tokens are out."""
+    from transformers import AutoModelForCausalLM
+
+    family, path, prompts, eos_token = eos_heavy_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    expected, stops_early = [], False
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            mask = torch.ones(1, len(p), dtype=torch.long)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                pad_token_id=0,
+            )
+            expected.append(out[0, len(p) :].tolist())
+            free = model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_TOKENS, pad_token_id=0
+            )
+            stops_early |= free.shape[1] - len(p) < MAX_TOKENS
+    assert stops_early, "EOS is never the argmax: the test would not exercise the mask"
+    assert all(len(e) == MAX_TOKENS and eos_token not in e for e in expected)
+
+    llm = LLM(model=str(path), dtype="float32", block_size=BLOCK_SIZE)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=1)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i, (out, want) in enumerate(zip(outs, expected, strict=True)):
+        comp = out.outputs[0]
+        assert comp.token_ids == want, f"{family}: prompt {i} differs under min_tokens"
+        assert comp.finish_reason == "length"
+        # Logprobs stay those of the raw distribution: the mask changes the choice, not the report.
+        assert all(entry[t].logprob > float("-inf") for entry, t in zip(comp.logprobs, want, strict=True))
+    # Without min_tokens the same engine stops at that EOS, as transformers does.
+    free_outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    assert any(o.outputs[0].finish_reason == "stop" for o in free_outs)
+    assert_no_leak(llm)

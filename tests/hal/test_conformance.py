@@ -272,7 +272,8 @@ def test_a_sampler_that_is_not_random_fails_the_seeded_cases() -> None:
 
     report = run_suite(ArgmaxSampler(), NumpyReference(), build_cases(filters=["sample("]))
     failed = {r.name for r in report.results if r.status == Status.FAIL}
-    assert failed == {r.name for r in report.results if "seeded" in r.name}
+    # Every mix with random rows (seeded, and the min-tokens ban with random rows) must catch it.
+    assert failed == {r.name for r in report.results if "seeded" in r.name or "banned" in r.name}
     assert all("not random" in r.detail for r in report.results if r.name in failed)
 
 

@@ -123,6 +123,7 @@ class LLMEngine:
             tokenizer=self.tokenizer,
             use_graphs=config.use_graphs,
             capture_sizes=config.capture_sizes,
+            eos_token_ids=self.eos_token_ids,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)

@@ -49,6 +49,7 @@ class ModelRunner:
         tokenizer=None,
         use_graphs: bool = True,
         capture_sizes: list[int] | None = None,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.backend = backend
         self.model = model
@@ -57,6 +58,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.vocab_size = model.config.vocab_size
+        # Ids beyond the logits (a tokenizer's EOS outside a padded vocab) can never be sampled.
+        self.eos_token_ids = sorted(t for t in eos_token_ids if 0 <= t < self.vocab_size)
         self.tokenizer = tokenizer
         self.device = backend.device()
         self.scale = model.attention_scale
@@ -234,6 +237,7 @@ class ModelRunner:
             output_token_ids=[s.output_token_ids for s in seqs] if any_penalty else None,
             vocab_size=self.vocab_size,
             max_num_logprobs=max_lp,
+            banned_token_ids=self._min_tokens_bans(seqs),
             device=self.device,
         )
         out = self.backend.sample(logits, metadata)
@@ -257,6 +261,22 @@ class ModelRunner:
                 entry.setdefault(tid, Logprob(lp, rank, self._decode(tid)))
             result.append(SampledToken(tok, entry))
         return result
+
+    def _min_tokens_bans(self, seqs: list[Sequence]) -> list[list[int]] | None:
+        """Per row, the ids that may not be sampled yet: until `min_tokens` tokens are out, EOS
+        (unless `ignore_eos`) and every stop token id (vLLM's and transformers' semantics)."""
+        bans: list[list[int]] | None = None
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens >= p.min_tokens:
+                continue
+            ids = [t for t in p.stop_token_ids if t < self.vocab_size]
+            if not p.ignore_eos:
+                ids.extend(self.eos_token_ids)
+            if ids:
+                bans = bans if bans is not None else [[] for _ in seqs]
+                bans[i] = sorted(set(ids))
+        return bans
 
     def _prompt_logprobs(self, scheduled, prompt_lp_rows, logits, out):
         if logits is None:

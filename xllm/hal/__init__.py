@@ -15,7 +15,13 @@ from xllm.hal.errors import (
 )
 from xllm.hal.graphs import DEFAULT_CAPTURE_SIZES, GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
-from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, pad_token_lists
+from xllm.hal.metadata import (
+    AttentionMetadata,
+    SampleOutput,
+    SamplingMetadata,
+    mask_banned_tokens,
+    pad_token_lists,
+)
 from xllm.hal.registry import (
     BackendInfo,
     get_backend,
@@ -50,6 +56,7 @@ __all__ = [
     "get_backend",
     "known_backend_names",
     "list_backends",
+    "mask_banned_tokens",
     "pad_token_lists",
     "register_backend",
     "unregister_backend",

@@ -441,3 +441,18 @@ class Backend(ABC):
                 f"{op}: argument 'sampling' must be SamplingMetadata, got {type(sampling).__name__}"
             )
         check_dim(op, "sampling.temperature", sampling.num_rows, logits.shape[0], "row count")
+        banned = sampling.banned
+        if banned is not None:
+            check_tensor(op, "sampling.banned", banned, ndim=2, dtypes=(torch.int64,))
+            if banned.shape[1] != 2:
+                raise ValueError(f"{op}: argument 'sampling.banned' must be [N, 2] (row, token id) pairs")
+            if banned.numel() and not (
+                bool((banned[:, 0] >= 0).all())
+                and bool((banned[:, 0] < logits.shape[0]).all())
+                and bool((banned[:, 1] >= 0).all())
+                and bool((banned[:, 1] < logits.shape[1]).all())
+            ):
+                raise ValueError(
+                    f"{op}: argument 'sampling.banned' holds a row or token id outside the logits "
+                    f"{tuple(logits.shape)}"
+                )

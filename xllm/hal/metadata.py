@@ -53,8 +53,11 @@ class SamplingMetadata:
     """Per-row sampling controls for a batch of B logits rows, as device tensors.
 
     Processing order (the order Hugging Face's logits processors use, so parity is checkable):
-    penalties -> temperature -> top-k -> top-p -> min-p -> sample. Rows with temperature 0 are
-    greedy: argmax of the penalised logits, no truncation.
+    banned tokens -> penalties -> temperature -> top-k -> top-p -> min-p -> sample. Rows with
+    temperature 0 are greedy: argmax of the penalised logits, no truncation. Banned tokens
+    (``banned``: the EOS and stop ids of a request that has not reached ``min_tokens``, as vLLM's
+    and transformers' min-tokens processors do) get -inf before anything else, for greedy rows
+    too; logprobs still come from the raw logits.
 
     Randomness is stateless per row: row i draws with a generator seeded from
     ``(seeds[i], steps[i])`` where ``steps[i]`` counts the tokens the request has already sampled.
@@ -76,6 +79,8 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None = None  # [B, max_prompt_len] int64
     output_token_ids: torch.Tensor | None = None  # [B, max_output_len] int64
     max_num_logprobs: int = -1  # -1: no logprobs; k >= 0: sampled token's logprob plus top-k
+    # [N, 2] int64 (row, token id) pairs that must not be sampled this step; None when none are.
+    banned: torch.Tensor | None = None
     # Host-side summaries so backends can take fast paths without reading device tensors.
     all_greedy: bool = False
     no_penalties: bool = True
@@ -105,6 +110,7 @@ class SamplingMetadata:
         output_token_ids: list[list[int]] | None = None,
         vocab_size: int | None = None,
         max_num_logprobs: int = -1,
+        banned_token_ids: list[list[int]] | None = None,
     ) -> SamplingMetadata:
         """Builds the tensors from per-row Python lists (defaults disable each control)."""
         n = len(temperature)
@@ -126,6 +132,8 @@ class SamplingMetadata:
         tk = col(top_k, 0, torch.int32)
         tp = col(top_p, 1.0, torch.float32)
         mp = col(min_p, 0.0, torch.float32)
+        pairs = [(i, t) for i, ids in enumerate(banned_token_ids or []) for t in ids]
+        banned = torch.tensor(pairs, dtype=torch.int64, device=device) if pairs else None
         return cls(
             temperature=temp,
             top_k=tk,
@@ -139,12 +147,24 @@ class SamplingMetadata:
             prompt_token_ids=prompt_t,
             output_token_ids=output_t,
             max_num_logprobs=max_num_logprobs,
+            banned=banned,
             all_greedy=bool((temp == 0).all()),
             no_penalties=no_penalties,
             no_top_k=bool((tk <= 0).all()),
             no_top_p=bool((tp >= 1.0).all()),
             no_min_p=bool((mp <= 0.0).all()),
         )
+
+
+def mask_banned_tokens(logits: torch.Tensor, sampling: SamplingMetadata) -> None:
+    """Sets the logits of ``sampling.banned`` (row, token) pairs to -inf, in place.
+
+    Shared by every backend (one index_put, no per-row Python) so min_tokens means the same thing
+    everywhere; a no-op when nothing is banned.
+    """
+    if sampling.banned is not None:
+        banned = sampling.banned.to(logits.device)
+        logits.index_put_((banned[:, 0], banned[:, 1]), torch.tensor(float("-inf"), device=logits.device))
 
 
 def pad_token_lists(rows: list[list[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:

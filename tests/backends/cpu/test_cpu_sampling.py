@@ -206,3 +206,31 @@ def test_per_row_top_k_in_one_batch(cpu):
     got = cpu.processed_logits(logits, sm)
     assert torch.isfinite(got).sum(-1).tolist() == [3, V, V, V]
     torch.testing.assert_close(got[0], reference_processed(logits[0], 1.0, 3, 1.0, 0.0))
+
+
+def test_banned_tokens_are_never_sampled_but_keep_raw_logprobs(cpu):
+    """min_tokens bans EOS: a banned argmax loses to the runner-up; its reported logprob does not change."""
+    logits = logits_for(3, seed=5)
+    top2 = logits.topk(2, dim=-1).indices
+    sm = SamplingMetadata.from_lists(
+        temperature=[0.0, 0.0, 1.0],
+        seeds=[1, 2, 3],
+        banned_token_ids=[[int(top2[0, 0])], [], [int(top2[2, 0])]],
+        max_num_logprobs=1,
+    )
+    out = cpu.sample(logits, sm)
+    assert int(out.sampled_token_ids[0]) == int(top2[0, 1])
+    assert int(out.sampled_token_ids[1]) == int(logits[1].argmax())
+    assert int(out.sampled_token_ids[2]) != int(top2[2, 0])
+    assert int(out.top_token_ids[0, 0]) == int(top2[0, 0])  # the raw distribution still ranks it first
+    processed = cpu.processed_logits(logits, sm)
+    assert processed[0, top2[0, 0]] == float("-inf") and processed[2, top2[2, 0]] == float("-inf")
+    for _ in range(20):  # every seed avoids the banned token, however likely it is
+        sm.steps += 1
+        assert int(cpu.sample(logits, sm).sampled_token_ids[2]) != int(top2[2, 0])
+
+
+def test_banned_ids_outside_the_logits_are_rejected(cpu):
+    sm = SamplingMetadata.from_lists(temperature=[0.0], banned_token_ids=[[V]])
+    with pytest.raises(ValueError, match="sampling.banned"):
+        cpu.sample(logits_for(1), sm)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from xllm.backends.ascend.translation import SamplingPlan
-from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, mask_banned_tokens
 
 # ---------------------------------------------------------------------------- rotary
 
@@ -171,6 +171,7 @@ def processed_logits(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingP
     out = logits.to(torch.float32, copy=True)
     device = out.device
     vocab_size = out.shape[1]
+    mask_banned_tokens(out, sm)
     if plan.apply_penalties:
         _apply_penalties(out, sm)
     if not plan.apply_temperature:
@@ -215,7 +216,12 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> SampleOutput:
-    if not plan.apply_penalties and not plan.random_rows and not plan.apply_temperature:
+    if (
+        not plan.apply_penalties
+        and not plan.random_rows
+        and not plan.apply_temperature
+        and sm.banned is None
+    ):
         tokens = logits.argmax(dim=-1)
     else:
         processed = processed_logits(logits, sm, plan)

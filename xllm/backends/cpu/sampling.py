@@ -1,7 +1,7 @@
 """Logits processing and sampling of the CPU reference backend.
 
-`processed_logits` applies, in float32 and in Hugging Face's order, repetition / presence /
-frequency penalties, temperature, top-k, top-p and min-p; removed tokens become -inf and greedy
+`processed_logits` applies, in float32 and in Hugging Face's order, the min_tokens ban,
+repetition / presence / frequency penalties, temperature, top-k, top-p and min-p; removed tokens become -inf and greedy
 rows get the penalties only. `sample` takes the argmax for greedy rows and, for random rows,
 draws from softmax(processed) with a generator seeded per row from (seed, step), so a request
 samples the same tokens alone or inside any batch. Logprobs come from the raw logits.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from xllm.hal.metadata import SampleOutput, SamplingMetadata
+from xllm.hal.metadata import SampleOutput, SamplingMetadata, mask_banned_tokens
 
 _MASK64 = (1 << 64) - 1
 
@@ -95,6 +95,7 @@ def _apply_top_k_top_p(
 
 def processed_logits(logits: torch.Tensor, sm: SamplingMetadata) -> torch.Tensor:
     out = logits.to(torch.float32, copy=True)  # never modify the caller's logits
+    mask_banned_tokens(out, sm)
     if not sm.no_penalties:
         _apply_penalties(out, sm)
     if sm.all_greedy:
@@ -139,7 +140,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, sm: SamplingMetadata) -> SampleOutput:
-    if sm.all_greedy and sm.no_penalties:
+    if sm.all_greedy and sm.no_penalties and sm.banned is None:
         tokens = logits.argmax(dim=-1)  # fast path: no copy, no sort
     else:
         processed = processed_logits(logits, sm)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from xllm.hal import SampleOutput, SamplingMetadata
+from xllm.hal import SampleOutput, SamplingMetadata, mask_banned_tokens
 
 _M32 = 0xFFFFFFFF
 
@@ -129,10 +129,11 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def processed_logits(logits: torch.Tensor, s: SamplingMetadata) -> torch.Tensor:
     x = logits.to(torch.float32)
+    if x is logits and (s.no_penalties or s.banned is not None):
+        x = x.clone()  # the caller's logits are never modified
+    mask_banned_tokens(x, s)
     if not s.no_penalties:
         x = apply_penalties(x, s)
-    elif x is logits:
-        x = x.clone()  # the caller's logits are never modified
     if s.all_greedy:
         return x
     greedy = s.temperature == 0

@@ -263,8 +263,8 @@ def process_logits(
     raw: np.ndarray, sampling: SamplingMetadata, margins: list[float] | None = None
 ) -> np.ndarray:
     """The processed logits [B, V] in float64, row by row, in the contract's order:
-    penalties -> temperature -> top-k -> top-p -> min-p; greedy rows (temperature 0) get the
-    penalties only. Removed tokens are -inf.
+    banned tokens -> penalties -> temperature -> top-k -> top-p -> min-p; greedy rows
+    (temperature 0) get the ban and the penalties only. Removed tokens are -inf.
 
     When `margins` is a list, the distance of every top-p and min-p cut to the nearest token is
     appended to it, as a multiple of the distance float32 rounding could cover (`TOP_P_SAFE_ABS`
@@ -283,6 +283,9 @@ def process_logits(
     )
     prompts = to_numpy(sm.prompt_token_ids) if sm.prompt_token_ids is not None else None
     outputs = to_numpy(sm.output_token_ids) if sm.output_token_ids is not None else None
+    if sm.banned is not None:
+        for row, tok in to_numpy(sm.banned).tolist():
+            out[int(row), int(tok)] = -np.inf
     for i in range(out.shape[0]):
         x = out[i]
         # Token histories are padded with vocab_size, an id no row holds.

@@ -339,6 +339,14 @@ _MIXES: dict[str, list[dict[str, Any]]] = {
         {"temperature": 0.0, "presence_penalty": 1.0},
     ],
     "greedy": [{"temperature": 0.0}, {"temperature": 0.0}, {"temperature": 0.0}, {"temperature": 0.0}],
+    # min_tokens: each row's `ban_top` most likely tokens are banned (an EOS that is the argmax).
+    "banned": [
+        {"temperature": 0.0, "ban_top": 1},
+        {"temperature": 0.0, "ban_top": 3, "repetition_penalty": 1.3},
+        {"temperature": 0.0},
+        {"temperature": 0.9, "ban_top": 2, "top_k": 20},
+        {"temperature": 1.1, "ban_top": 1, "top_p": 0.9},
+    ],
     "greedy_penalties": [
         {"temperature": 0.0, "repetition_penalty": 1.5},
         {"temperature": 0.0, "frequency_penalty": 0.5, "presence_penalty": 0.5},
@@ -372,6 +380,7 @@ def _sampling_inputs(case: Case, rows: list[dict[str, Any]]) -> tuple[torch.Tens
             r["step"] = int(torch.randint(0, 50, (1,), generator=gen))
             r["prompt"] = gen_inputs.random_history(gen, VOCAB, 12 + 3 * i)
             r["output"] = gen_inputs.random_history(gen, VOCAB, 2 * i)
+            r["banned"] = logits[i].float().topk(r.pop("ban_top", 0)).indices.tolist()
             full.append(r)
         margins: list[float] = []
         processed = process_logits(to_numpy(logits), _metadata(full), margins)
@@ -403,6 +412,7 @@ def _metadata(rows: list[dict[str, Any]], max_num_logprobs: int = -1) -> Samplin
         output_token_ids=col("output", []),
         vocab_size=VOCAB,
         max_num_logprobs=max_num_logprobs,
+        banned_token_ids=col("banned", []),
     )
 
 
@@ -414,6 +424,7 @@ def _build_processed_logits() -> list[Case]:
         ("min_p", False),
         ("penalties", True),
         ("mixed", True),
+        ("banned", True),
     ]
     return [
         make_case("processed_logits", dtype, small=small, label=mix, B=len(_MIXES[mix]), V=VOCAB)
@@ -435,7 +446,7 @@ def _check_processed_logits(case: Case, backend: Any, reference: Any, chk: Check
 
 
 def _build_sample() -> list[Case]:
-    configs = [("greedy", 5, True), ("greedy_penalties", 0, False), ("seeded", 3, True)]
+    configs = [("greedy", 5, True), ("greedy_penalties", 0, False), ("seeded", 3, True), ("banned", 2, True)]
     return [
         make_case("sample", dtype, small=small, label=mix, B=len(_MIXES[mix]), V=VOCAB, logprobs=k)
         for dtype in DTYPES
