@@ -216,12 +216,7 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> SampleOutput:
-    if (
-        not plan.apply_penalties
-        and not plan.random_rows
-        and not plan.apply_temperature
-        and sm.banned is None
-    ):
+    if not plan.apply_penalties and not plan.random_rows and not plan.apply_temperature and sm.banned is None:
         tokens = logits.argmax(dim=-1)
     else:
         processed = processed_logits(logits, sm, plan)
