@@ -6,21 +6,33 @@ has one reference per owner. With prefix caching, every *full* block is named by
 tokens chained with its parent block's hash, so equal prefixes map to equal hashes and a new
 sequence can adopt already-computed blocks. Freed blocks keep their contents and their hash in an
 LRU free list until they are reused, so later requests can still hit them.
+
+Block hashes are SHA-256 digests (see `chain_hash`): a client that could make two different
+prefixes collide would make another client's request attend over the wrong KV (vLLM's
+CVE-2025-25183, where Python's `hash()` was used). The chain starts from a root digest of the
+request's `cache_salt`, so requests with different salts never share a block, and it is unkeyed
+so that every instance of a cluster names the same prefix the same way (cache-aware routing).
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 from xllm.engine.sequence import Sequence
+
+BlockHash = bytes  # a 32-byte SHA-256 digest
 
 
 @dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None  # set once the block is full and registered in the prefix cache
+    block_hash: BlockHash | None = None  # set once the block is full and registered in the prefix cache
 
 
 @dataclass(slots=True)
@@ -33,8 +45,22 @@ class PrefixCacheStats:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
-def chain_hash(parent_hash: int | None, block_tokens: tuple[int, ...]) -> int:
-    return hash((parent_hash, block_tokens))
+@lru_cache(maxsize=1024)
+def root_hash(cache_salt: str | None) -> BlockHash:
+    """The parent digest of a sequence's first block: the salt enters the chain here and so
+    reaches every block after it. Length-prefixed, so no salt is a prefix-trick of another."""
+    salt = b"" if cache_salt is None else cache_salt.encode("utf-8")
+    flag = b"\x00" if cache_salt is None else b"\x01"
+    return hashlib.sha256(b"xllm-kv-root" + flag + len(salt).to_bytes(8, "little") + salt).digest()
+
+
+def chain_hash(parent_hash: BlockHash, block_tokens: list[int] | tuple[int, ...]) -> BlockHash:
+    """SHA-256 of the parent digest (fixed 32 bytes) followed by the block's token ids as
+    little-endian int64: a stable serialisation, the same in every process and on every host."""
+    tokens = array("q", block_tokens)
+    if sys.byteorder == "big":  # pragma: no cover - keeps digests equal across hosts
+        tokens.byteswap()
+    return hashlib.sha256(parent_hash + tokens.tobytes()).digest()
 
 
 class KVCacheManager:
@@ -48,7 +74,7 @@ class KVCacheManager:
         # Invariant: a block is in free_blocks iff its ref_count is 0.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         # hash -> block id for full blocks whose contents are known (in use or free-but-cached).
-        self.cached_blocks: dict[int, int] = {}
+        self.cached_blocks: dict[BlockHash, int] = {}
         self.stats = PrefixCacheStats()
 
     # ------------------------------------------------------------------ queries
@@ -86,9 +112,9 @@ class KVCacheManager:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        parent: int | None = None
+        parent = root_hash(seq.params.cache_salt)
         for i in range(max_blocks):
-            h = chain_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            h = chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block_id = self.cached_blocks.get(h)
             if block_id is None:
                 break
@@ -97,11 +123,19 @@ class KVCacheManager:
             seq.block_hashes.append(h)
             parent = h
         seq.num_computed_tokens = len(seq.block_table) * bs
-        if seq.num_output_tokens == 0:  # hit rate counts prompts, not recomputation after preemption
-            self.stats.queried_tokens += seq.num_tokens
-            self.stats.hit_tokens += seq.num_computed_tokens
+        if not seq.prefix_hit_recorded:
             seq.num_cached_tokens = seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def record_prefix_hit(self, seq: Sequence) -> None:
+        """Counts a sequence's prompt lookup in the hit rate, once: called when its admission
+        succeeds, so a lookup retried while blocks are short (or redone after a preemption)
+        does not count its hits again."""
+        if seq.prefix_hit_recorded or not self.enable_prefix_caching:
+            return
+        seq.prefix_hit_recorded = True
+        self.stats.queried_tokens += seq.num_tokens
+        self.stats.hit_tokens += seq.num_cached_tokens
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grows the block table to hold ``num_computed_tokens + num_new_tokens`` tokens.
@@ -142,8 +176,8 @@ class KVCacheManager:
         num_full = seq.num_computed_tokens // bs
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = chain_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            parent = seq.block_hashes[-1] if seq.block_hashes else root_hash(seq.params.cache_salt)
+            h = chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if h not in self.cached_blocks and block.block_hash is None:

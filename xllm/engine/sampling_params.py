@@ -32,6 +32,9 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's per-request prefix-cache isolation: requests with different salts never share a
+    # cached KV block, so one tenant cannot probe or reuse another's prompts through timing.
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
     @field_validator("stop", mode="before")
     @classmethod

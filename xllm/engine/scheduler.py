@@ -129,6 +129,7 @@ class Scheduler:
                 self.kv_cache.free(seq)
                 break
             self.waiting.pop(0)
+            self.kv_cache.record_prefix_hit(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))

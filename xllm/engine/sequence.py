@@ -38,9 +38,10 @@ class Sequence:
     seed: int
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks, in order
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digests of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    prefix_hit_recorded: bool = False  # its prompt lookup is in the hit-rate statistics (once)
     text: str = ""
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None
