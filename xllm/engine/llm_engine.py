@@ -68,7 +68,7 @@ class LLMEngine:
         self.backend = get_backend(config.backend, **config.backend_options)
         model_path = str(config.model) if config.model is not None else str(default_model_path())
         self.model_path = model_path
-        dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+        dtype = self._choose_dtype(model_path) if config.dtype == "auto" else _DTYPES[config.dtype]
         self.model = load_model(model_path, self.backend, dtype=dtype)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
@@ -130,6 +130,27 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+
+    def _choose_dtype(self, model_path: str) -> torch.dtype:
+        """dtype="auto": the checkpoint's dtype where the backend computes it natively, else
+        float32 (a bfloat16 checkpoint on an AVX2-only CPU would run emulated, many times slower).
+        An explicit dtype is always honoured."""
+        from xllm.models import ModelConfig
+
+        wanted = ModelConfig.from_pretrained(model_path).dtype or torch.float32
+        native = self.backend.capabilities.native_dtypes
+        if wanted in native:
+            return wanted
+        chosen = torch.float32 if torch.float32 in native else native[0]
+        logger.info(
+            "dtype auto: the checkpoint is %s, which the %s backend does not compute natively here; "
+            "running in %s (pass dtype=%s to insist)",
+            str(wanted).removeprefix("torch."),
+            self.backend.name,
+            str(chosen).removeprefix("torch."),
+            str(wanted).removeprefix("torch."),
+        )
+        return chosen
 
     # ------------------------------------------------------------------ admission
 

@@ -34,6 +34,9 @@ class Capabilities:
     """What a backend can do, asked instead of testing device names above the HAL."""
 
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    # The dtypes it computes at full speed: `dtypes` it accepts may be emulated (bfloat16 on an
+    # AVX2-only CPU runs many times slower than float32), so dtype="auto" only picks these.
+    native_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     graph_capture: bool = False  # True when replay is a real device graph, not eager re-execution
     virtual_memory: bool = False  # xTensor pages backed by real virtual-memory mapping
     collective_backend: str = "gloo"  # the torch.distributed backend its Communicator uses
@@ -43,6 +46,7 @@ class Capabilities:
     def as_dict(self) -> dict[str, object]:
         return {
             "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+            "native_dtypes": [str(d).removeprefix("torch.") for d in self.native_dtypes],
             "graph_capture": self.graph_capture,
             "virtual_memory": self.virtual_memory,
             "collective_backend": self.collective_backend,

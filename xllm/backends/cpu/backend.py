@@ -8,8 +8,11 @@ xTensor pages are real mmap pages and collectives go over gloo.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -26,6 +29,37 @@ from xllm.hal.graphs import GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 from xllm.hal.streams import Event, Stream
+
+# ISA flags (as /proc/cpuinfo names them) that give bfloat16 / float16 arithmetic in hardware:
+# x86 AVX512-BF16 or AMX-BF16, AVX512-FP16 or AMX-FP16; Arm's BF16 and half-precision SIMD.
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on Arm);
+    empty where there is no such file, which then counts as float32-only."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_cpu_dtypes(flags: frozenset[str]) -> tuple[torch.dtype, ...]:
+    """float32 always; bfloat16 / float16 only where the ISA computes them (else torch emulates
+    them through float32 conversions, several times slower than float32 itself)."""
+    native = [torch.float32]
+    if flags & _BF16_FLAGS:
+        native.append(torch.bfloat16)
+    if flags & _FP16_FLAGS:
+        native.append(torch.float16)
+    return tuple(native)
 
 
 def read_meminfo() -> MemInfo:
@@ -54,6 +88,11 @@ class CpuBackend(Backend):
     )
 
     def __init__(self, num_threads: int | None = None) -> None:
+        # Which half-precision dtypes are native depends on the host, so it is read at run time
+        # (once: every op's argument check reads the capabilities).
+        self._capabilities = dataclasses.replace(
+            self.CAPABILITIES, native_dtypes=native_cpu_dtypes(cpu_flags())
+        )
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._stream_stack = threading.local()
@@ -68,6 +107,10 @@ class CpuBackend(Backend):
     @classmethod
     def device_count(cls) -> int:
         return 1
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
 
     # ------------------------------------------------------------------ ops
 
