@@ -16,11 +16,12 @@ BLOCK_SIZE = 16
 
 
 def kv_bytes_for(path, num_blocks: int, block_size: int = BLOCK_SIZE) -> int:
-    """kv_cache_memory that holds exactly `num_blocks` float32 blocks of the model at `path`."""
+    """kv_cache_memory that gives exactly `num_blocks` usable float32 blocks of the model at `path`."""
     from xllm.models import ModelConfig
 
     c = ModelConfig.from_pretrained(path)
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * 4 * num_blocks
+    # One block more than asked: the engine reserves physical block 0 as the null block.
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * 4 * (num_blocks + 1)
 
 
 @pytest.fixture(scope="session")

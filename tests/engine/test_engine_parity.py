@@ -95,7 +95,8 @@ def tiny_kv_bytes(path, num_blocks: int) -> int:
     from xllm.models import ModelConfig
 
     c = ModelConfig.from_pretrained(path)
-    return 2 * c.num_layers * BLOCK_SIZE * c.num_kv_heads * c.head_dim * 4 * num_blocks
+    # One block more than asked: the engine reserves physical block 0 as the null block.
+    return 2 * c.num_layers * BLOCK_SIZE * c.num_kv_heads * c.head_dim * 4 * (num_blocks + 1)
 
 
 CONFIGS = {

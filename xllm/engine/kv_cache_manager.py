@@ -7,6 +7,11 @@ tokens chained with its parent block's hash, so equal prefixes map to equal hash
 sequence can adopt already-computed blocks. Freed blocks keep their contents and their hash in an
 LRU free list until they are reused, so later requests can still hit them.
 
+Physical block 0 is the null block (as in vLLM): it is never given to a sequence, so padding rows
+of a replayed graph, which point at block 0, may have their K/V written there by a backend that
+cannot skip a write (the HAL's padding contract; see `AttentionMetadata`). The manager hands out
+ids 1..num_blocks, so the KV cache holds ``num_blocks + 1`` physical blocks.
+
 Block hashes are SHA-256 digests (see `chain_hash`): a client that could make two different
 prefixes collide would make another client's request attend over the wrong KV (vLLM's
 CVE-2025-25183, where Python's `hash()` was used). The chain starts from a root digest of the
@@ -63,16 +68,20 @@ def chain_hash(parent_hash: BlockHash, block_tokens: list[int] | tuple[int, ...]
     return hashlib.sha256(parent_hash + tokens.tobytes()).digest()
 
 
+NULL_BLOCK_ID = 0
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        """`num_blocks` usable blocks, ids 1..num_blocks; id 0 is the reserved null block."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = [Block(i) for i in range(num_blocks + 1)]  # blocks[0] is the null block
         # Blocks with ref_count 0, least recently freed first: the front is evicted first.
-        # Invariant: a block is in free_blocks iff its ref_count is 0.
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Invariant: a block other than the null block is in free_blocks iff its ref_count is 0.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks + 1))
         # hash -> block id for full blocks whose contents are known (in use or free-but-cached).
         self.cached_blocks: dict[BlockHash, int] = {}
         self.stats = PrefixCacheStats()
@@ -81,6 +90,12 @@ class KVCacheManager:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks sequences can own (the null block is not one of them)."""
+        return len(self.blocks) - 1
+
+    @property
+    def num_physical_blocks(self) -> int:
+        """Blocks the KV cache must hold: the usable ones plus the null block."""
         return len(self.blocks)
 
     @property

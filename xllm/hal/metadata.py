@@ -27,7 +27,10 @@ class AttentionMetadata:
 
     Padding rows (graph replay pads a decode batch up to its bucket) are ordinary one-token
     sequences with ``seq_len`` 1 over block 0 and slot -1: no backend needs a special case, and
-    their outputs are ignored.
+    their outputs are ignored. Block 0 is the null block: the engine never gives it to a
+    sequence, so a backend whose cache-write operator cannot skip slot -1 may write padding
+    rows' K/V anywhere in block 0 (the Ascend graph path writes slot 0); its contents are
+    undefined and never read for a real token. Unused block-table entries also point at it.
     """
 
     query_start_loc: torch.Tensor  # [B + 1] int32, cumulative query lengths, starts at 0

@@ -80,6 +80,7 @@ class CpuBackend(Backend):
     device_type: ClassVar[str] = "cpu"
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         dtypes=FLOAT_DTYPES,
+        shares_host_memory=True,
         graph_capture=False,  # replay re-executes eagerly
         virtual_memory=True,  # xTensor pages are mmap/mprotect/madvise pages
         collective_backend="gloo",

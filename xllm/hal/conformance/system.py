@@ -29,9 +29,13 @@ from xllm.hal.metadata import AttentionMetadata
 
 
 def _build_graph_replay() -> list[Case]:
+    # `first_block`: sequence 0 owns block 1, the first usable block, and decodes into its slot 0
+    # and 1 while padding rows replay over the null block 0 (a backend that writes padding K/V
+    # to block 0 instead of skipping slot -1 must not reach a real token).
     return [
-        make_case("graph_replay", dtype, small=True, B=3, bucket=4, hq=4, hkv=2, d=64, bs=16)
+        make_case("graph_replay", dtype, small=True, label=label, B=3, bucket=4, hq=4, hkv=2, d=64, bs=16)
         for dtype in DTYPES
+        for label in ("random_blocks", "first_block")
     ]
 
 
@@ -78,10 +82,13 @@ def _check_graph_replay(case: Case, backend: Any, reference: Any, chk: Checker) 
     b, hq, hkv, d, bs = p["B"], p["hq"], p["hkv"], p["d"], p["bs"]
     width = 4  # blocks per sequence in the table
     num_blocks = b * width + 1
-    prefixes = [5, 16, 31][:b]  # the first decode lands mid-block, on a border, at a block's end
-    tables = (
-        (1 + torch.randperm(num_blocks - 1, generator=gen)[: b * width]).reshape(b, width).to(torch.int32)
-    )
+    # The first decode lands mid-block, on a border, at a block's end (or, for first_block,
+    # sequence 0 starts at slot 0 of block 1).
+    prefixes = ([0, 16, 31] if case.label == "first_block" else [5, 16, 31])[:b]
+    ids = 1 + torch.randperm(num_blocks - 1, generator=gen)[: b * width]
+    if case.label == "first_block":
+        ids = torch.cat([torch.arange(1, width + 1), ids[ids > width][: (b - 1) * width]])
+    tables = ids.reshape(b, width).to(torch.int32)
     cache_shape = (num_blocks, bs, hkv, d)
     k_cache, v_cache = randn(gen, cache_shape, dtype), randn(gen, cache_shape, dtype)
     cos_sin = cos_sin_cache(width * bs, d)
@@ -112,7 +119,8 @@ def _check_graph_replay(case: Case, backend: Any, reference: Any, chk: Checker) 
         "q": GraphInput(dtype, (hq, d), 0.0),
         "k": GraphInput(dtype, (hkv, d), 0.0),
         "v": GraphInput(dtype, (hkv, d), 0.0),
-        # Padding rows: one-token sequences over block 0 that write slot -1 (AttentionMetadata).
+        # Padding rows: one-token sequences over the null block 0 that write slot -1
+        # (AttentionMetadata); a backend may write their K/V into block 0 instead.
         "positions": GraphInput(torch.int64, (), 0),
         "slot_mapping": GraphInput(torch.int64, (), -1),
         "seq_lens": GraphInput(torch.int32, (), 1),
@@ -127,8 +135,13 @@ def _check_graph_replay(case: Case, backend: Any, reference: Any, chk: Checker) 
         graph_out = runner.run(**to_device(inputs, dev)).clone()  # a view of a static buffer
         backend.synchronize()
         chk.close(f"step {i} output", graph_out, eager_out)
-    chk.close("k_cache after replay", graph_kc, eager_kc)
-    chk.close("v_cache after replay", graph_vc, eager_vc)
+    # Block 0 is the null block: what padding rows leave there is undefined, everything else
+    # must equal the eager run, the first usable block's real tokens exactly.
+    chk.close("k_cache after replay", graph_kc[1:], eager_kc[1:])
+    chk.close("v_cache after replay", graph_vc[1:], eager_vc[1:])
+    first = tables[0, 0].item()
+    chk.exact(f"block {first} of sequence 0 after replay", graph_kc[first], eager_kc[first])
+    chk.exact(f"block {first} of sequence 0 after replay (v)", graph_vc[first], eager_vc[first])
 
 
 # ---------------------------------------------------------------------------------- xTensor
