@@ -19,6 +19,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-cache-memory", default=None, help="KV-cache bytes, e.g. 2GiB (default: sized automatically)"
     )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="on an accelerator, the fraction of device memory for weights, activations and the KV "
+        "cache, sized after a profiling pass at the largest batch (default 0.9; ignored on the CPU "
+        "and when --kv-cache-memory is given)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
@@ -26,6 +34,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--no-graphs", action="store_true", help="run decode steps eagerly instead of graph replay"
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--max-consecutive-step-failures",
+        type=int,
+        default=3,
+        help="stop the engine (and exit `xllm serve` with status 1) after this many failed model "
+        "steps in a row; an error the backend calls fatal stops it at once (default 3)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -36,9 +51,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "max_model_len": args.max_model_len,
         "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
         "use_graphs": not args.no_graphs,
         "seed": args.seed,
+        "max_consecutive_step_failures": args.max_consecutive_step_failures,
     }

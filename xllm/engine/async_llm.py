@@ -3,8 +3,17 @@
 The engine core runs in one background thread (torch releases the GIL inside its ops, so the
 event loop stays responsive). Callers never touch the engine directly: they send commands (add,
 abort) through a thread-safe queue that the loop drains between steps, and receive outputs on a
-per-request asyncio queue. A failing step fails only its own requests (see `LLMEngine.step`); if
-the loop itself dies, every stream gets `EngineDeadError` and `errored` turns true.
+per-request asyncio queue.
+
+A failing step fails only its own requests, unless the backend calls the error fatal or it is
+the K-th failure in a row (see `LLMEngine.step`); then, as when the loop itself fails, the engine
+is dead: `errored` turns true, every open stream and every queued command is answered with
+`EngineDeadError`, every later call gets it at once, and the dead-callbacks run (the server
+exits on them so that its supervisor restarts it).
+
+Commands and death race: a caller may enqueue just as the loop dies. `_send` and the dying loop
+take one lock around "is the queue still open?", so a command is either enqueued before the loop
+closes the queue (and the loop answers it while draining) or refused by `_send` itself.
 """
 
 from __future__ import annotations
@@ -13,11 +22,12 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from xllm.engine.config import EngineConfig
 from xllm.engine.errors import EngineDeadError
+from xllm.engine.faults import describe
 from xllm.engine.llm_engine import EngineStats, LLMEngine, PromptInput
 from xllm.engine.outputs import RequestOutput
 from xllm.engine.sampling_params import SamplingParams
@@ -37,7 +47,12 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.errored = False
-        self.dead_error: BaseException | None = None
+        self.dead_error: BaseException | None = None  # what killed the loop, once errored
+        # Guards the hand-over between `_send` and a loop that stops: set `_refusal` under it and
+        # nothing more is enqueued; see the module docstring.
+        self._lock = threading.Lock()
+        self._refusal: EngineDeadError | None = None
+        self._dead_callbacks: list[Callable[[BaseException], None]] = []
 
     # ------------------------------------------------------------------ properties the server reads
 
@@ -111,7 +126,10 @@ class AsyncLLM:
                 self._send(("abort", request_id, None))
 
     async def abort(self, request_id: str) -> None:
-        """Aborts a request; its stream ends with finish_reason "abort"."""
+        """Aborts a request; its stream ends with finish_reason "abort". Returns at once when the
+        engine is dead or stopped (there is nothing left to abort)."""
+        if self._thread is None:
+            return  # the loop never started, so no request was ever queued
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._send(("abort", request_id, (loop, done)))
@@ -130,15 +148,42 @@ class AsyncLLM:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
+    def add_dead_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """Calls ``callback(cause)`` once when the engine dies, from the engine's thread (at once,
+        here, if it is dead already). Not called on a normal shutdown."""
+        with self._lock:
+            if not self.errored:
+                self._dead_callbacks.append(callback)
+                return
+        assert self.dead_error is not None
+        callback(self.dead_error)
+
     def _check_alive(self) -> None:
         if self.errored:
-            raise EngineDeadError(f"the engine loop has stopped: {self.dead_error}")
+            raise self._dead_exception()
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")
 
+    def _dead_exception(self) -> EngineDeadError:
+        """A fresh EngineDeadError for one caller (an exception raised in several tasks would
+        collect all their tracebacks), caused by what killed the loop."""
+        cause = self.dead_error
+        if isinstance(cause, EngineDeadError):  # the engine's own verdict, e.g. a fatal device error
+            error = EngineDeadError(str(cause))
+            error.__cause__ = cause.__cause__
+        else:
+            error = EngineDeadError(f"the engine loop has stopped: {describe(cause) if cause else 'unknown'}")
+            error.__cause__ = cause
+        return error
+
     def _send(self, command: tuple) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
+        with self._lock:
+            refusal = self._refusal
+            if refusal is None:
+                self._commands.put(command)
+                self._wakeup.set()
+                return
+        _refuse(command, refusal)
 
     # ------------------------------------------------------------------ the loop thread
 
@@ -153,12 +198,36 @@ class AsyncLLM:
                 for out in self.engine.step():
                     self._deliver(out)
             self._close_streams()
-        except BaseException as exc:  # the loop itself failed: nobody can be served any more
-            logger.exception("engine loop died")
-            self.errored = True
+        except BaseException as exc:  # a fatal step or a failure of the loop itself
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """The loop cannot go on: mark the engine dead and answer everybody who waits on it."""
+        logger.critical(
+            "engine dead: %s",
+            describe(exc),
+            # LLMEngine.step already logged the device error behind its own EngineDeadError.
+            exc_info=None if isinstance(exc, EngineDeadError) else exc,
+        )
+        with self._lock:
             self.dead_error = exc
-            for loop, stream in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(exc)))
+            self.errored = True
+            callbacks, self._dead_callbacks = self._dead_callbacks, []
+        self._close_commands(self._dead_exception())
+        for loop, stream in list(self._streams.values()):
+            _post(loop, stream.put_nowait, self._dead_exception())
+        try:
+            # A fatal step has freed its requests already; after a failure of the loop itself
+            # this returns their KV blocks, so /metrics does not show a full cache forever.
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
+        except Exception:
+            logger.exception("could not free the requests of the dead engine")
+        for callback in callbacks:
+            try:
+                callback(exc)
+            except Exception:  # one broken listener must not keep the others from hearing
+                logger.exception("engine-dead callback %r failed", callback)
 
     def _drain_commands(self) -> None:
         while True:
@@ -184,22 +253,23 @@ class AsyncLLM:
                     loop, done = waiter
                     loop.call_soon_threadsafe(_set_result, done, None)
 
-    def _close_streams(self) -> None:
-        """On shutdown: refuses queued additions and ends every open stream with finish_reason
-        "abort", so that no caller waits forever on a loop that has stopped."""
+    def _close_commands(self, refusal: EngineDeadError) -> None:
+        """Closes the command queue for good: answers what it holds, and makes `_send` refuse
+        anything later with `refusal` (adds fail with it, aborts return)."""
+        with self._lock:
+            self._refusal = refusal
+        # Nothing can be enqueued any more, so this drain leaves no command unanswered.
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                break
-            if command[0] == "add":
-                _, _, _, _, _, loop, admitted = command
-                loop.call_soon_threadsafe(
-                    _set_exception, admitted, EngineDeadError("the engine is shutting down")
-                )
-            elif command[2] is not None:
-                loop, done = command[2]
-                loop.call_soon_threadsafe(_set_result, done, None)
+                return
+            _refuse(command, refusal)
+
+    def _close_streams(self) -> None:
+        """On shutdown: refuses queued and later additions and ends every open stream with
+        finish_reason "abort", so that no caller waits forever on a loop that has stopped."""
+        self._close_commands(EngineDeadError("the engine is shutting down"))
         for request_id in list(self.engine.requests):
             out = self.engine.abort_request(request_id)
             if out is not None:
@@ -210,6 +280,28 @@ class AsyncLLM:
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, out)
+
+
+def _refuse(command: tuple, error: EngineDeadError) -> None:
+    """Answers a command the loop will never run: an add fails with a copy of `error`, an abort
+    returns (there is nothing left to abort)."""
+    if command[0] == "add":
+        _, _, _, _, _, loop, admitted = command
+        copy = EngineDeadError(str(error))
+        copy.__cause__ = error.__cause__
+        _post(loop, _set_exception, admitted, copy)
+    elif command[2] is not None:
+        loop, done = command[2]
+        _post(loop, _set_result, done, None)
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """``loop.call_soon_threadsafe`` for a caller's loop that may have closed since it asked (the
+    caller is gone then, and nobody is left to answer)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        logger.debug("event loop of a caller closed before its answer", exc_info=True)
 
 
 def _set_result(future: asyncio.Future, value: object) -> None:

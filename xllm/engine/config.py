@@ -40,6 +40,9 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     block_size: int = Field(16, ge=1, le=1024)
     kv_cache_memory: int | None = Field(None, ge=1)  # bytes for the KV cache; None = sized automatically
+    # On an accelerator with its own memory: the fraction of it the engine may fill (weights,
+    # activations and KV cache together), as vLLM's --gpu-memory-utilization.
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     enable_prefix_caching: bool = True
     seed: int = 0
     max_num_seqs: int = Field(256, ge=1)
@@ -48,6 +51,9 @@ class EngineConfig(BaseModel):
     capture_sizes: list[int] | None = None
     tokenizer: str | None = None  # defaults to the model directory
     backend_options: dict[str, object] = Field(default_factory=dict)
+    # A failing model step fails only its own requests; this many failures in a row (or one that
+    # the backend calls fatal) mean the device is broken, and the engine stops (EngineDeadError).
+    max_consecutive_step_failures: int = Field(3, ge=1)
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod

@@ -18,11 +18,13 @@ import torch
 from xllm.engine.config import EngineConfig
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.engine.errors import PromptTooLongError
+from xllm.engine.faults import StepFaults, describe
 from xllm.engine.kv_cache_manager import KVCacheManager
+from xllm.engine.kv_cache_sizing import log_kv_cache_plan, plan_kv_cache
 from xllm.engine.model_runner import ModelRunner, SampledToken
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
-from xllm.engine.scheduler import Scheduler
+from xllm.engine.scheduler import ScheduledSequence, Scheduler
 from xllm.engine.sequence import Request, Sequence, SequenceStatus
 from xllm.hal import get_backend
 
@@ -38,7 +40,6 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-_DEFAULT_KV_CACHE_CAP_BYTES = 1 << 30
 _SEED_BITS = 63
 
 PromptInput = str | list[int] | dict
@@ -54,6 +55,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    num_failed_steps: int = 0  # model steps that raised, over the engine's life
 
     @property
     def kv_cache_usage(self) -> float:
@@ -77,28 +79,14 @@ class LLMEngine:
 
         mc = self.model_config
         self.block_size = config.block_size
-        kv_dtype = self.model.dtype
-        bytes_per_block = (
-            2 * mc.num_layers * config.block_size * mc.num_kv_heads * mc.head_dim * kv_dtype.itemsize
-        )
         max_len = config.max_model_len or mc.max_position_embeddings
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                 f"{mc.max_position_embeddings}"
             )
-        if config.kv_cache_memory is not None:
-            kv_bytes = config.kv_cache_memory
-        else:
-            # Enough for every sequence slot at full length, capped so a CPU host keeps memory.
-            free = self.backend.mem_info().free_bytes
-            want = config.max_num_seqs * -(-max_len // config.block_size) * bytes_per_block
-            kv_bytes = max(min(want, int(free * 0.25), _DEFAULT_KV_CACHE_CAP_BYTES), bytes_per_block)
-        num_blocks = kv_bytes // bytes_per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory {kv_bytes} B holds no block; one block needs {bytes_per_block} B"
-            )
+        plan = plan_kv_cache(self.backend, self.model, config, max_len)
+        num_blocks = plan.num_blocks
         capacity = num_blocks * config.block_size
         if max_len > capacity:
             if config.max_model_len is not None:
@@ -108,8 +96,14 @@ class LLMEngine:
                 )
             max_len = capacity
         self.max_model_len = max_len
+        log_kv_cache_plan(plan, config.block_size, max_len)
         self.kv_caches = self.backend.allocate_kv_cache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype
+            mc.num_layers,
+            plan.num_physical_blocks,
+            config.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.model.dtype,
         )
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
@@ -130,6 +124,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.faults = StepFaults(config.max_consecutive_step_failures)  # see step()
 
     def _choose_dtype(self, model_path: str) -> torch.dtype:
         """dtype="auto": the checkpoint's dtype where the backend computes it natively, else
@@ -291,7 +286,12 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns an output for every request that advanced or finished."""
+        """Runs one scheduled step; returns an output for every request that advanced or finished.
+
+        Raises `EngineDeadError` when the step kills the engine and on every call after that
+        (see `_step_failed`).
+        """
+        self.faults.check_alive()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -303,11 +303,8 @@ class LLMEngine:
         try:
             result = self.runner.execute(sched.scheduled)
         except Exception as exc:
-            # The failure is charged to the requests of this step only; the engine keeps serving.
-            logger.exception("model step failed; failing its %d sequences", len(sched.scheduled))
-            failed = {item.seq.request.request_id for item in sched.scheduled}
-            message = f"{type(exc).__name__}: {exc}"
-            return [out for rid in failed if (out := self.fail_request(rid, message)) is not None]
+            return self._step_failed(exc, sched.scheduled)
+        self.faults.record_success()
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for item, sampled, prompt_lp in zip(
@@ -331,6 +328,31 @@ class LLMEngine:
             if r.is_finished:
                 self.requests.pop(r.request_id, None)
         return outputs
+
+    def _step_failed(self, exc: Exception, scheduled: list[ScheduledSequence]) -> list[RequestOutput]:
+        """Handles a model step that raised.
+
+        Usually the failure is charged to the step's own requests and the engine keeps serving.
+        When the backend calls the error fatal, or it is the `max_consecutive_step_failures`-th
+        in a row, the device cannot be trusted any more: every request fails (its blocks freed)
+        and `EngineDeadError`, caused by `exc`, goes to whoever drives the engine.
+        """
+        dead = self.faults.record_failure(exc, fatal=self.backend.is_fatal_error(exc))
+        if dead is None:
+            logger.error(
+                "model step failed (%d in a row, limit %d); failing its %d sequences",
+                self.faults.consecutive,
+                self.faults.max_consecutive,
+                len(scheduled),
+                exc_info=exc,
+            )
+            failed = {item.seq.request.request_id for item in scheduled}
+            message = describe(exc)
+            return [out for rid in failed if (out := self.fail_request(rid, message)) is not None]
+        logger.critical("%s; failing all %d requests", dead, len(self.requests), exc_info=exc)
+        for request_id in list(self.requests):
+            self.fail_request(request_id, str(dead))
+        raise dead from exc
 
     def _fork_siblings(self, parent: Sequence) -> None:
         """Gives the other samples of an n > 1 request the prompt's full blocks; each recomputes
@@ -423,6 +445,7 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
+            num_failed_steps=self.faults.total,
         )
 
     def _eos_ids(self) -> set[int]:

@@ -8,6 +8,7 @@ from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
 from xllm.hal.comm import Communicator
 from xllm.hal.errors import (
     BackendUnavailableError,
+    DeviceFaultError,
     HALError,
     NotSupportedError,
     UnknownBackendError,
@@ -41,6 +42,7 @@ __all__ = [
     "Capabilities",
     "Communicator",
     "DEFAULT_CAPTURE_SIZES",
+    "DeviceFaultError",
     "Event",
     "GraphInput",
     "GraphRunner",

@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 import torch
 
 from xllm.hal.comm import Communicator
-from xllm.hal.errors import NotSupportedError
+from xllm.hal.errors import DeviceFaultError, NotSupportedError
 from xllm.hal.graphs import GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
@@ -37,6 +37,9 @@ class Capabilities:
     # The dtypes it computes at full speed: `dtypes` it accepts may be emulated (bfloat16 on an
     # AVX2-only CPU runs many times slower than float32), so dtype="auto" only picks these.
     native_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    # True when its tensors live in host memory that the OS and other processes share (the CPU):
+    # the engine then sizes the KV cache conservatively instead of filling the device.
+    shares_host_memory: bool = False
     graph_capture: bool = False  # True when replay is a real device graph, not eager re-execution
     virtual_memory: bool = False  # xTensor pages backed by real virtual-memory mapping
     collective_backend: str = "gloo"  # the torch.distributed backend its Communicator uses
@@ -49,6 +52,7 @@ class Capabilities:
             "native_dtypes": [str(d).removeprefix("torch.") for d in self.native_dtypes],
             "graph_capture": self.graph_capture,
             "virtual_memory": self.virtual_memory,
+            "shares_host_memory": self.shares_host_memory,
             "collective_backend": self.collective_backend,
             "kv_cache_layout": self.kv_cache_layout,
         }
@@ -337,6 +341,43 @@ class Backend(ABC):
         if not 0 <= rank < world_size:
             raise ValueError(f"create_communicator: argument 'rank' must be in [0, {world_size}), got {rank}")
         return self._create_communicator(rank, world_size, init_method)
+
+    # ------------------------------------------------------------------ faults
+
+    def is_fatal_error(self, exc: BaseException) -> bool:
+        """Whether `exc`, raised while running a model step, means this device can serve no more.
+
+        False means the failure belongs to the step: the engine fails that step's requests and
+        keeps serving (out of memory, a bad argument, a kernel that rejected a shape); only a run
+        of consecutive failures stops it. True means the device or its context is lost (a lost
+        device, an uncorrectable memory error, a sticky kernel fault after which every later
+        call fails): the engine stops at once, fails every request, and the server exits so
+        that its supervisor restarts it.
+
+        Looks at `exc` and the chain of exceptions it was raised from: a `DeviceFaultError`
+        anywhere in it is fatal, and so is any link the backend's `_is_fatal_error` recognises.
+        Never raises.
+        """
+        seen: set[int] = set()
+        link: BaseException | None = exc
+        while link is not None and id(link) not in seen:  # a chain can loop back on itself
+            seen.add(id(link))
+            if isinstance(link, DeviceFaultError) or self._is_fatal_error(link):
+                return True
+            if link.__cause__ is not None:  # raise ... from cause
+                link = link.__cause__
+            else:  # raised while handling __context__, unless "from None" hid it
+                link = None if link.__suppress_context__ else link.__context__
+        return False
+
+    def _is_fatal_error(self, exc: BaseException) -> bool:
+        """One link of the chain: a backend overrides this with its runtime's unrecoverable errors.
+
+        The default knows none, so on a backend that does not override it only a
+        `DeviceFaultError` is fatal, and a broken device stops the engine through the
+        consecutive-failure limit instead.
+        """
+        return False
 
     # ------------------------------------------------------------------ what a backend implements
 

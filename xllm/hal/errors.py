@@ -34,3 +34,13 @@ class UnmappedMemoryError(HALError, RuntimeError):
 
 class NotSupportedError(HALError, NotImplementedError):
     """The backend does not support this operation or dtype (conformance reports it as such)."""
+
+
+class DeviceFaultError(HALError, RuntimeError):
+    """The accelerator failed in a way this process cannot recover from (a lost device, an
+    uncorrectable memory error, a sticky kernel fault that poisons the device context).
+
+    A backend raises it, or wraps a runtime error in it, when it knows the device is gone;
+    `Backend.is_fatal_error` is true for it (anywhere in an exception's cause chain), and the
+    engine then stops at once instead of failing only the step's requests.
+    """

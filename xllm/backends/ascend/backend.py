@@ -20,6 +20,7 @@ import torch
 from xllm.backends.ascend import op_mapping, torch_ops
 from xllm.backends.ascend import probe as probe_mod
 from xllm.backends.ascend.acl import AclRuntime, AclXTensor, torch_npu_tensor_factory
+from xllm.backends.ascend.faults import is_fatal_npu_error
 from xllm.backends.ascend.runtime import (
     HcclCommunicator,
     NpuEvent,
@@ -331,3 +332,10 @@ class AscendBackend(Backend):
         device = self.device(rank % max(self.device_count(), 1))
         self.ns.set_device(device)
         return HcclCommunicator(rank, world_size, init_method, device)
+
+    # ------------------------------------------------------------------ faults
+
+    def _is_fatal_error(self, exc: BaseException) -> bool:
+        # AI core exceptions, UCE/ECC memory errors, task aborts and lost devices, recognised by
+        # torch_npu's wording and ACL error codes (see faults.py); torch_npu is not needed here.
+        return is_fatal_npu_error(exc)

@@ -23,6 +23,7 @@ import torch
 from xllm.backends.cuda import runtime
 from xllm.backends.cuda import sampling as sampler
 from xllm.backends.cuda.comm import TorchDistCommunicator
+from xllm.backends.cuda.faults import is_fatal_cuda_error
 from xllm.backends.cuda.graphs import CudaGraphRunner, EagerGraphRunner
 from xllm.backends.cuda.streams import CudaEvent, CudaStream, HostEvent, HostStream
 from xllm.hal import (
@@ -44,6 +45,7 @@ from xllm.hal import (
 
 _INTERPRET_CAPABILITIES = Capabilities(
     dtypes=FLOAT_DTYPES,
+    shares_host_memory=True,  # the interpreter's tensors are host tensors
     graph_capture=False,
     virtual_memory=False,
     collective_backend="gloo",
@@ -258,6 +260,12 @@ class CudaBackend(Backend):
         # One GPU per rank, the usual tensor-parallel layout within a node.
         device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         return TorchDistCommunicator(rank, world_size, init_method, "nccl", device)
+
+    # ------------------------------------------------------------------ faults
+
+    def _is_fatal_error(self, exc: BaseException) -> bool:
+        # Sticky CUDA errors and lost GPUs (see faults.py); out of memory is not one of them.
+        return is_fatal_cuda_error(exc)
 
 
 __all__ = ["CudaBackend"]
