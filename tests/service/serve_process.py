@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -30,15 +31,17 @@ def free_port() -> int:
 class ServeProcess:
     """One `xllm serve` subprocess on 127.0.0.1."""
 
-    def __init__(self, model_dir: Path, *extra_args: str, log_path: Path) -> None:
+    def __init__(
+        self, model_dir: Path, *extra_args: str, log_path: Path, launcher: Sequence[str] = ("-m", "xllm")
+    ) -> None:
+        """`launcher`: what runs the CLI, after the interpreter (a test script may wrap it)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.health_log: list[tuple[int, dict]] = []  # (status, body) seen while waiting for ready
         cmd = [
             sys.executable,
-            "-m",
-            "xllm",
+            *launcher,
             "serve",
             "--model",
             str(model_dir),

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-queue must be >= 0")
     if args.shutdown_timeout < 0:
         raise CLIError("--shutdown-timeout must be >= 0")
+    if args.max_consecutive_step_failures < 1:
+        raise CLIError("--max-consecutive-step-failures must be >= 1")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,7 +19,8 @@ from typing import Any
 
 import anyio
 
-from xllm.service.errors import OpenAIError, bad_request, from_value_error
+from xllm.engine.errors import EngineDeadError
+from xllm.service.errors import OpenAIError, bad_request, engine_dead, from_value_error
 
 logger = logging.getLogger("xllm.service")
 
@@ -137,6 +138,9 @@ class EngineRun:
                 i, out, exc = await self._queue.get()
                 sub = self.subs[i]
                 if exc is not None:
+                    if isinstance(exc, EngineDeadError):
+                        # Not this request's fault: the device is gone and the server is exiting.
+                        raise engine_dead() from exc
                     if isinstance(exc, ValueError):
                         raise from_value_error(exc) from exc
                     if isinstance(exc, OpenAIError):

@@ -131,6 +131,20 @@ class EngineStatsCollector(Collector):
         preemptions = getattr(s, "num_preemptions", None)
         if preemptions is not None:
             yield counter("xllm:num_preemptions", "Requests preempted to free KV-cache blocks.", preemptions)
+        failed_steps = getattr(s, "num_failed_steps", None)
+        if failed_steps is not None:
+            yield counter(
+                "xllm:num_failed_steps",
+                "Model steps that raised (their requests failed; a run of them stops the engine).",
+                failed_steps,
+            )
+        # 1 once the engine has stopped for good (a device fault or too many failed steps in a
+        # row): /health answers 503 and `xllm serve` is about to exit with status 1.
+        yield gauge(
+            "xllm:engine_dead",
+            "1 if the engine has stopped and cannot serve.",
+            1.0 if getattr(engine, "errored", False) else 0.0,
+        )
 
 
 class ServiceMetrics:

@@ -7,6 +7,11 @@ SIGTERM flips the app to draining (new /v1 requests get 503, /health says "drain
 for in-flight requests up to the shutdown timeout, aborts what is left, and only then asks
 uvicorn to stop; `serve()` then returns 0. SIGINT keeps uvicorn's behaviour (Ctrl+C stops now);
 further SIGTERMs during a drain are ignored.
+
+A server whose engine died (a device fault, or too many failed steps in a row) cannot serve
+again, and answering 503 forever would hide that from whatever supervises it. So it stops: the
+engine has already failed every in-flight request, their responses get a moment to reach the
+clients, and `serve()` returns 1 so that the supervisor restarts the process.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from types import FrameType
 
 import uvicorn
@@ -22,6 +28,10 @@ from xllm.service.app import ServerConfig, ServerState, create_app
 
 logger = logging.getLogger("xllm.service")
 
+# After the engine died: how long in-flight responses (already failed by the engine) may take to
+# reach their clients before the server stops anyway.
+ENGINE_DEAD_GRACE_S = 2.0
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout_s: float) -> None:
@@ -29,6 +39,7 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.shutdown_timeout_s = shutdown_timeout_s
         self._drain_task: asyncio.Task | None = None
+        self._exit_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list | None = None) -> None:
@@ -56,9 +67,27 @@ class DrainingServer(uvicorn.Server):
         logger.info("drained; shutting down")
         self.should_exit = True
 
+    def exit_on_engine_death(self, exc: BaseException) -> None:
+        """Stops the server for good once the engine died; runs on the event loop."""
+        if self._exit_task is not None:
+            return
+        logger.error(
+            "engine dead (%s: %s); stopping the server with exit status 1 so that its supervisor restarts it",
+            type(exc).__name__,
+            exc,
+        )
+        self._exit_task = asyncio.get_running_loop().create_task(self._exit_when_answered())
+
+    async def _exit_when_answered(self) -> None:
+        deadline = time.monotonic() + ENGINE_DEAD_GRACE_S
+        while self.state.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.should_exit = True
+
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
-    """Serve until SIGTERM (drained, returns 0) or SIGINT; returns 1 if the model failed to load."""
+    """Serve until SIGTERM (drained, returns 0) or SIGINT; returns 1 if the model failed to load
+    or the engine died."""
     state = ServerState(config)
     app = create_app(config, state=state)
     uv_config = uvicorn.Config(
@@ -77,5 +106,6 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_l
         server.should_exit = True
 
     state.on_load_failed = on_load_failed
+    state.on_engine_dead = server.exit_on_engine_death
     server.run()
-    return 1 if state.load_error is not None else 0
+    return 1 if state.load_error is not None or state.engine_dead_error is not None else 0
