@@ -78,6 +78,17 @@ def internal_error() -> OpenAIError:
     return OpenAIError(500, "The server had an error while processing your request.", code="internal_error")
 
 
+def engine_dead() -> OpenAIError:
+    """What a request gets when the engine died under it (a device fault, or too many failed
+    steps in a row): 503, because the server exits and its supervisor starts a healthy one."""
+    # The cause (a device error text) stays in the server log, as for internal_error().
+    return OpenAIError(
+        503,
+        "The engine stopped after an unrecoverable error and the server is restarting; retry shortly.",
+        code="engine_dead",
+    )
+
+
 def from_value_error(exc: ValueError) -> OpenAIError:
     """Map an engine ValueError (SamplingParams validation, PromptTooLongError) to a 400.
 
@@ -100,23 +111,56 @@ def from_value_error(exc: ValueError) -> OpenAIError:
     return bad_request(message, param=param)
 
 
-def _validation_param(loc: Sequence[Any]) -> str | None:
-    # loc is e.g. ("body", "messages", 0, "content"); OpenAI's param is the dotted field path.
-    parts = [str(p) for p in loc if p != "body"]
+def _validation_param(loc: Sequence[Any], body: Any = None) -> str | None:
+    """OpenAI's `param`, the dotted path of the field, from a pydantic error location.
+
+    loc is e.g. ("body", "messages", 0, "content"). Under a union, pydantic adds the member it
+    tried, ("body", "prompt", "list[constrained-int]", 0); walking the request body tells those
+    tags (not keys of the body) from field names, so the client sees "prompt.0".
+    """
+    parts: list[str] = []
+    node = body
+    steps = list(loc[1:] if loc and loc[0] == "body" else loc)
+    for i, p in enumerate(steps):
+        last = i == len(steps) - 1
+        if body is None:  # nothing to walk (e.g. a parameter, not a body): keep the location as is
+            parts.append(str(p))
+        elif isinstance(node, dict) and isinstance(p, str) and p in node:
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(node):
+            parts.append(str(p))
+            node = node[p]
+        elif last and isinstance(node, dict) and isinstance(p, str):  # a missing field
+            parts.append(p)
     return ".".join(parts) or None
+
+
+def _main_error(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: of the first field's errors, the one from deepest in the value.
+
+    A union reports one error per member; the deepest is the member that matched furthest (for
+    `stop: ["ok", ""]`, "stop.1 is too short" rather than "stop is not a string").
+    """
+    first = errors[0]
+    field = tuple(first.get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return max(same, key=lambda e: len(e.get("loc", ())))
 
 
 def validation_error_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None
-    first = errors[0]
-    param = _validation_param(first.get("loc", ()))
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
+    main = _main_error(errors)
+    param = _validation_param(main.get("loc", ()), getattr(exc, "body", None))
+    msg = main.get("msg", "invalid value")
     where = f"'{param}': " if param else ""
-    extra = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    # Counted by field: a union's one error per member is still one bad field.
+    others = len({tuple(e.get("loc", ()))[:2] for e in errors}) - 1
+    extra = f" (and {others} more invalid fields)" if others else ""
     return f"{where}{msg}{extra}", param
 
 

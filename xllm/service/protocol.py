@@ -3,8 +3,12 @@
 Requests follow OpenAI's field names and ranges, plus vLLM's extra sampling fields (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, ...), so that clients written for
 either server work unchanged. Ranges are enforced here, at the edge, so a bad request gets a 400
-naming the field before anything reaches the engine. Unknown fields are ignored, as OpenAI and
-vLLM do, because clients add new fields faster than servers learn them.
+naming the field before anything reaches the engine. Types are strict, as OpenAI's are: a
+boolean is not an integer and "1" is not a number (an integer is a number, though, since JSON
+has one number type). Whatever the server refuses is stated in the models, so the OpenAPI
+document FastAPI publishes from them (`tailor_openapi` adds what depends on the loaded model)
+describes exactly the requests that are served. Unknown fields are ignored, as OpenAI and vLLM
+do, because clients add new fields faster than servers learn them.
 """
 
 from __future__ import annotations
@@ -12,57 +16,114 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import models_json_schema
 
 # Token ids are checked against the vocabulary later (the model is not known here); these bounds
 # only keep absurd values out of the OpenAPI schema and the tokenizer.
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+MAX_TOKEN_ID = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+# Prompt token ids are refused outside the model's vocabulary; this mark tells `tailor_openapi`
+# where to publish that bound once the model is loaded.
+VOCABULARY_MARK = "x-xllm-vocabulary-bound"
+PromptTokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, json_schema_extra={VOCABULARY_MARK: True})]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 # The cap on `n` and on logprobs is ours: it keeps one request from monopolising the batch.
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
+# The samplers hold top_k as an int32 (a k past the vocabulary is "all tokens" anyway).
+MAX_TOP_K = 2**31 - 1
+MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPTS = 64
+SEED_MODULUS = 2**63  # the engine's seeds are signed 64-bit integers
+
+
+def _fold_seed(seed: int) -> int:
+    return seed % SEED_MODULUS
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(OpenAIBaseModel):
+class OpenAIRequestModel(OpenAIBaseModel):
+    """A request body: strict types (no bool -> int, "1" -> 1.0 or 1 -> "1" coercion).
+
+    Lax coercion would accept requests the published schema calls invalid (`[[false]]` as the
+    token prompt [[0]]), so a client's mistake would be served as something it did not mean.
+    Responses stay lax: the server builds them itself.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_number_type(cls, data: Any) -> Any:
+        return integral_floats_as_ints(data)
+
+
+def integral_floats_as_ints(value: Any) -> Any:
+    """`value` (parsed JSON) with every float that has no fraction, such as 2.0, made an int.
+
+    JSON has one number type: JSON Schema's "integer" is any number without a fraction, and
+    JavaScript cannot even tell 2 from 2.0, so 2.0 must be as good as 2 for an integer field.
+    Strict mode would refuse it; a float field takes the int back unchanged. 2.5, true and "2"
+    stay errors for an integer field.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: integral_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
+class StreamOptions(OpenAIRequestModel):
     include_usage: bool | None = False
 
 
-class SamplingFields(OpenAIBaseModel):
+class SamplingFields(OpenAIRequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # OpenAI's stop is a string or a list of them; an empty one would stop before anything.
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    # Any non-negative integer, folded into the sampler's 63 bits: an upper bound past 2**53 is
+    # not portable JSON (JavaScript and schemathesis's boundary values read it as a float, so
+    # they would call 2**63 + 191 valid), and no seed is better than another.
+    seed: Annotated[int, Field(ge=0), AfterValidator(_fold_seed)] | None = Field(
+        None, description="Any non-negative integer; seeds past 2**63 - 1 are taken modulo 2**63."
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     # vLLM's extra sampling fields.
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, description="At most the request's max_tokens.")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if isinstance(v, str) and not v:
-            raise ValueError("a stop sequence must not be empty")
-        return v
+    # vLLM's prefix-cache isolation: requests with different salts never share cached KV blocks.
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -78,36 +139,46 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
     prompt: (
-        Annotated[str, Field(max_length=1_000_000)]
-        | Annotated[list[Annotated[str, Field(max_length=1_000_000)]], Field(min_length=1, max_length=64)]
-        | Annotated[list[TokenId], Field(min_length=1)]
-        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
+        | Annotated[list[PromptTokenId], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[PromptTokenId], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
     )
     # OpenAI's default for completions is 16 tokens; None means "up to the context length".
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
-    logit_bias: dict[str, float] | None = None
+    # Not supported: stated as "empty" in the schema rather than ignored, since ignoring it would
+    # answer something other than what the client asked for.
+    suffix: Annotated[str, Field(max_length=0)] | None = Field(
+        None, description="Not supported: null or empty."
+    )
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only best_of equal to n is supported.")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
+        None, description="Not supported: null or empty."
+    )
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.suffix:
-            raise ValueError("'suffix' is not supported")
-        if self.best_of is not None and self.best_of != self.n:
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # A field validator rather than a model one, so that the 400 names `best_of`.
+        if v is not None and v != info.data.get("n", 1):
             raise ValueError("'best_of' different from 'n' is not supported")
-        if self.logit_bias:
-            raise ValueError("'logit_bias' is not supported")
-        return self
+        return v
 
 
-class TextContentPart(OpenAIBaseModel):
+class TextContentPart(OpenAIRequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(OpenAIRequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -128,16 +199,19 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Above 0 only with logprobs set to true."
+    )
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
+        None, description="Not supported: null or empty."
+    )
 
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v > 0 and not info.data.get("logprobs"):
             raise ValueError("'top_logprobs' requires 'logprobs' to be true")
-        if self.logit_bias:
-            raise ValueError("'logit_bias' is not supported")
-        return self
+        return v
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -278,3 +352,91 @@ class ErrorResponse(OpenAIBaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """The JSON-ready dict of a response model (None fields kept, as OpenAI sends them)."""
     return model.model_dump(mode="json")
+
+
+# ---- the published OpenAPI document ----------------------------------------------------------
+
+# What streams carry: `data:` lines of chunks (an error object if the stream fails) and `[DONE]`.
+STREAM_DONE = "[DONE]"
+
+
+def stream_response(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The `responses` entry that declares a route's 200 event stream (`"stream": true`).
+
+    Before OpenAPI 3.2 the schema of a text/event-stream describes one event; each event's
+    `data` is either `[DONE]` or JSON of `chunk` or of an `ErrorResponse` (`tailor_openapi`
+    adds both models to the components, which FastAPI only fills from `response_model`s).
+    """
+    payload = {
+        "anyOf": [
+            {"$ref": f"#/components/schemas/{chunk.__name__}"},
+            {"$ref": "#/components/schemas/ErrorResponse"},
+        ]
+    }
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": STREAM_DONE},
+                    {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+                ]
+            }
+        },
+    }
+    return {200: {"content": {"text/event-stream": {"schema": event}}}}
+
+
+def _walk(node: Any) -> Any:
+    """Every dict in a JSON document, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def tailor_openapi(doc: dict[str, Any], *, api_key: bool, vocab_size: int | None) -> dict[str, Any]:
+    """Make FastAPI's OpenAPI document `doc` say what this server answers; idempotent, in place.
+
+    - Validation errors are 400s (OpenAI's clients expect that), so FastAPI's default 422 and
+      its `HTTPValidationError` models go.
+    - With an API key, /v1/* declare bearer auth, which is what the middleware enforces.
+    - Once the model is loaded (`vocab_size`), prompt token ids are bounded by its vocabulary;
+      a larger id is refused with a 400 after validation, so the schema must not invite it.
+    """
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for item in doc.get("paths", {}).values():
+        for operation in item.values():
+            if isinstance(operation, dict):
+                operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    # The chunk models the event streams of `stream_response` refer to.
+    _, defs = models_json_schema(
+        [
+            (ChatCompletionChunk, "serialization"),
+            (CompletionChunk, "serialization"),
+            (ErrorResponse, "serialization"),
+        ],
+        ref_template="#/components/schemas/{model}",
+    )
+    for name, schema in defs.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    if api_key:
+        components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+        for path, item in doc.get("paths", {}).items():
+            if not path.startswith("/v1/"):
+                continue
+            for operation in item.values():
+                if isinstance(operation, dict):
+                    operation.setdefault("security", [{"bearer": []}])
+    if vocab_size is not None:
+        for node in _walk(doc):
+            if node.pop(VOCABULARY_MARK, False):
+                node["maximum"] = vocab_size - 1
+    return doc
