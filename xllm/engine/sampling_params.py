@@ -17,7 +17,8 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1, le=128)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: disabled
+    # 0 or -1: disabled; the bound keeps it an int32 on every backend (a larger k is "all").
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -5,7 +5,8 @@
 wraps every request: it assigns the request id, refuses /v1/* with 401 (bad key) or 503
 (loading or draining), counts in-flight requests for a graceful drain, turns anything
 unexpected into a generic 500, and writes one access line per request to the `xllm.access`
-logger. The OpenAI logic itself lives in `serving.py`.
+logger. The OpenAI logic itself lives in `serving.py`, Anthropic's Messages API in
+`anthropic_serving.py`.
 """
 
 from __future__ import annotations
@@ -22,23 +23,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xllm import __version__
+from xllm.service.anthropic_errors import MESSAGES_PATH, AnthropicRoute, anthropic_error_response
+from xllm.service.anthropic_protocol import AnthropicErrorResponse, MessagesRequest, MessagesResponse
+from xllm.service.anthropic_serving import MessagesServing
 from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
 from xllm.service.metrics import ServiceMetrics
 from xllm.service.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     dump,
+    stream_response,
+    tailor_openapi,
 )
 from xllm.service.serving import RequestContext, Serving, new_request_id
 
@@ -47,7 +55,7 @@ logger = logging.getLogger("xllm.service")
 access_logger = logging.getLogger("xllm.access")
 
 # OpenAI's id prefixes, so ids look familiar in client logs.
-REQUEST_ID_PREFIXES = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}
+REQUEST_ID_PREFIXES = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl", MESSAGES_PATH: "msg"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)
 }
@@ -88,6 +96,9 @@ class ServerState:
         )
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: self.model_name)
         self.on_load_failed: Callable[[BaseException], None] | None = None
+        # Set (on the event loop) when the engine dies after loading; `serve()` then exits with 1.
+        self.engine_dead_error: BaseException | None = None
+        self.on_engine_dead: Callable[[BaseException], None] | None = None
 
     def ready(self, engine: Any) -> None:
         self.engine = engine
@@ -186,7 +197,7 @@ class ServiceMiddleware:
         self.app = app
         self.state = state
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, scope: Scope, anthropic: bool) -> bool:
         key = self.state.config.api_key
         if not key:
             return True
@@ -194,7 +205,11 @@ class ServiceMiddleware:
         auth = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
         # Constant-time compare so the key cannot be guessed byte by byte from timings.
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        # Anthropic's clients send the key as `x-api-key`.
+        api_key = headers.get(b"x-api-key") if anthropic else None
+        return api_key is not None and hmac.compare_digest(api_key.strip(), key.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,27 +230,35 @@ class ServiceMiddleware:
             await send(message)
 
         protected = path.startswith("/v1/")
+        anthropic = path == MESSAGES_PATH
+        # /v1/messages answers in Anthropic's error shape, every other path in OpenAI's.
+        respond = anthropic_error_response if anthropic else OpenAIError.response
         if protected:
             self.state.in_flight += 1
         try:
             refusal: OpenAIError | None = None
-            if protected and not self._authorized(scope):
+            if protected and not self._authorized(scope, anthropic):
+                how = (
+                    "'x-api-key: <key>' or 'Authorization: Bearer <key>'"
+                    if anthropic
+                    else "'Authorization: Bearer <key>'"
+                )
                 refusal = OpenAIError(
                     401,
-                    "Missing or invalid API key; send it as 'Authorization: Bearer <key>'.",
+                    f"Missing or invalid API key; send it as {how}.",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             elif protected:
                 refusal = self.state.unavailable()
             if refusal is not None:
-                await refusal.response()(scope, receive, send_wrapper)
+                await respond(refusal)(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
         except Exception:
             logger.exception("request %s %s failed", rid, path)
             if not status["started"]:
-                await internal_error().response()(scope, receive, send_wrapper)
+                await respond(internal_error())(scope, receive, send_wrapper)
         finally:
             if protected:
                 self.state.in_flight -= 1
@@ -273,9 +296,25 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
 
+        def on_engine_dead(exc: BaseException) -> None:
+            # Its in-flight requests have had their EngineDeadError already, and /health says
+            # 503 from now on (unavailable() reads engine.errored); the server decides the rest.
+            state.engine_dead_error = exc
+            if state.on_engine_dead is not None:
+                state.on_engine_dead(exc)
+
         def on_loaded(engine: Any) -> None:
             state.ready(engine)
             logger.info("model %s ready", state.model_name)
+            watch = getattr(engine, "add_dead_callback", None)
+            if callable(watch):
+                watch(engine_died)
+
+        def engine_died(exc: BaseException) -> None:
+            # Runs on the engine's thread; the state is only written on the event loop. A borrowed
+            # engine may outlive this app and its loop.
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_engine_dead, exc)
 
         def on_failed(exc: BaseException) -> None:
             state.load_error = exc
@@ -306,6 +345,15 @@ def create_app(
     app = FastAPI(title="xllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
     app.state.xllm = state
     install_error_handlers(app)
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # FastAPI builds the document once; it is tailored to what this server answers, and
+        # states the model's vocabulary once that is loaded.
+        vocab_size = state.serving.vocab_size if state.serving is not None else None
+        return tailor_openapi(build_openapi(), api_key=bool(config.api_key), vocab_size=vocab_size)
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(ServiceMiddleware, state=state)
 
     def serving() -> Serving:
@@ -342,7 +390,11 @@ def create_app(
         s.check_model(model_id)
         return ModelCard(id=s.served_model_name, root=config.model, max_model_len=s.max_model_len)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={**ERROR_RESPONSES, **stream_response(CompletionChunk)},
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
         result = await until_disconnected(request, serving().completions(body, ctx))
@@ -354,7 +406,11 @@ def create_app(
             result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**ERROR_RESPONSES, **stream_response(ChatCompletionChunk)},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
         result = await until_disconnected(request, serving().chat(body, ctx))
@@ -366,4 +422,24 @@ def create_app(
             result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    # Anthropic's Messages API; its route class answers its errors in Anthropic's shape.
+    anthropic = APIRouter(route_class=AnthropicRoute)
+
+    @anthropic.post(
+        MESSAGES_PATH,
+        response_model=MessagesResponse,
+        responses={code: {"model": AnthropicErrorResponse} for code in ERROR_RESPONSES},
+    )
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        ctx: RequestContext = request.state.ctx
+        result = await until_disconnected(request, MessagesServing(serving()).create(body, ctx))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if isinstance(result, MessagesResponse):
+            return JSONResponse(dump(result))
+        return StreamingResponse(
+            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    app.include_router(anthropic)
     return app

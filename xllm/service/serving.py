@@ -29,6 +29,7 @@ from xllm.service.engine_client import (
 from xllm.service.errors import OpenAIError, bad_request, internal_error
 from xllm.service.metrics import ServiceMetrics
 from xllm.service.protocol import (
+    SEED_MODULUS,
     ChatChoiceLogProbs,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -166,7 +167,9 @@ class Serving:
                 headers={"Retry-After": "1"},
             )
 
-    def _max_tokens(self, requested: int | None, prompt_len: int, param: str, max_tokens_param: str) -> int:
+    def _max_tokens(
+        self, requested: int | None, prompt_len: int, param: str, max_tokens_param: str, min_tokens: int = 0
+    ) -> int:
         if prompt_len >= self.max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -175,7 +178,17 @@ class Serving:
                 code="context_length_exceeded",
             )
         if requested is None:
-            return self.max_model_len - prompt_len
+            room = self.max_model_len - prompt_len
+            if min_tokens > room:
+                # Also a context overflow (not a bad min_tokens): a shorter prompt would fit.
+                raise bad_request(
+                    f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                    f"{prompt_len} tokens, leaving {room} for the completion, fewer than min_tokens "
+                    f"({min_tokens}). Reduce the prompt or min_tokens.",
+                    param="min_tokens",
+                    code="context_length_exceeded",
+                )
+            return room
         if prompt_len + requested > self.max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
@@ -247,6 +260,8 @@ class Serving:
             required["skip_special_tokens"] = False
         if req.include_stop_str_in_output:
             required["include_stop_str_in_output"] = True
+        if req.cache_salt is not None:
+            required["cache_salt"] = req.cache_salt
         return required, optional
 
     def _sub_requests(
@@ -270,7 +285,7 @@ class Serving:
             for i in range(req.n):
                 required, optional = self._sampling(req, max_tokens[p], logprobs, prompt_logprobs, 1)
                 if "seed" in required:  # distinct samples per choice, still reproducible
-                    required["seed"] = required["seed"] + i
+                    required["seed"] = (required["seed"] + i) % SEED_MODULUS
                 params = make_sampling_params(required, optional)
                 subs.append(SubRequest(f"{request_id}-{p}-{i}", ids, text, params, p * req.n + i))
         return subs
@@ -354,7 +369,10 @@ class Serving:
         return [(None, self._check_ids(list(ids), "prompt")) for ids in p]
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return self.templated_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+
+    def templated_prompt(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        """(text, ids) of `messages` under the chat template; /v1/messages builds its prompt here too."""
         kwargs: dict[str, Any] = {}
         if getattr(self.tokenizer, "chat_template", None) is None:
             kwargs["chat_template"] = FALLBACK_CHAT_TEMPLATE
@@ -378,7 +396,8 @@ class Serving:
         self.check_model(req.model)
         prompts = self.completion_prompts(req)
         max_tokens = [
-            self._max_tokens(req.max_tokens, len(ids), "prompt", "max_tokens") for _, ids in prompts
+            self._max_tokens(req.max_tokens, len(ids), "prompt", "max_tokens", req.min_tokens)
+            for _, ids in prompts
         ]
         self.check_queue()
         ctx.prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -501,7 +520,7 @@ class Serving:
         self.check_model(req.model)
         text, ids = self.chat_prompt(req)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self._max_tokens(req.requested_max_tokens, len(ids), "messages", param)
+        max_tokens = self._max_tokens(req.requested_max_tokens, len(ids), "messages", param, req.min_tokens)
         self.check_queue()
         ctx.prompt_tokens = len(ids)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
