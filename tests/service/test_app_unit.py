@@ -10,10 +10,11 @@ tests/service/test_serve_openai.py repeats the user-visible checks against a rea
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import httpx
 import pytest
 
 from xllm import LLM, AsyncLLM, SamplingParams
+from xllm.engine.llm_engine import EngineStats
 from xllm.service.app import Phase, ServerConfig, ServerState, create_app
+from xllm.service.engine_client import EngineClient
 from xllm.service.serving import sse
 
 NAME = "tiny-llama"
@@ -93,10 +96,12 @@ async def _wait_ready(state: ServerState, timeout_s: float = 60.0) -> None:
 
 
 async def make_client(
-    engine: AsyncLLM, served_model_name: str | None = NAME, **config: Any
+    engine: AsyncLLM, served_model_name: str | None = NAME, serve: EngineClient | None = None, **config: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, ServerState]]:
+    """A client of an app serving `serve` (default: `engine` itself), waiting at the end until
+    `engine` is idle again."""
     state = ServerState(ServerConfig(served_model_name=served_model_name, **config))
-    app = create_app(state.config, state=state, engine=engine)
+    app = create_app(state.config, state=state, engine=serve if serve is not None else engine)
     async with app.router.lifespan_context(app):
         await _wait_ready(state)
         transport = httpx.ASGITransport(app=app)
@@ -532,3 +537,154 @@ async def test_dead_engine_makes_health_503(tiny_llama_dir: Path, monkeypatch: p
             monkeypatch.undo()
     finally:
         await engine.shutdown()
+
+
+# ---- the engine behind the server: the EngineClient protocol ---------------------------------
+
+# What the server may use of an engine, and nothing more (the protocol is kept this small so
+# that a cluster router can implement it over HTTP).
+ENGINE_CLIENT_MEMBERS = {
+    "tokenizer",
+    "max_model_len",
+    "max_num_seqs",
+    "model_name",
+    "errored",
+    "generate",
+    "abort",
+    "stats",
+    "default_sampling_params",
+    "add_dead_callback",
+    "shutdown",
+}
+
+
+class ProtocolOnlyEngine:
+    """An `EngineClient` and nothing else: every member of the protocol delegates to a real
+    `AsyncLLM`, and nothing more of it is reachable, so a server reaching past the protocol
+    (its config, its engine core) sees an AttributeError or a default instead of the answer."""
+
+    __slots__ = ("_engine", "_shutdowns")
+
+    def __init__(self, engine: AsyncLLM) -> None:
+        self._engine = engine
+        self._shutdowns = 0
+
+    # The protocol's properties, read through to the engine.
+    tokenizer = property(lambda self: self._engine.tokenizer)
+    max_model_len = property(lambda self: self._engine.max_model_len)
+    max_num_seqs = property(lambda self: self._engine.max_num_seqs)
+    model_name = property(lambda self: self._engine.model_name)
+    errored = property(lambda self: self._engine.errored)
+
+    def generate(
+        self, prompt: Any, sampling_params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        return self._engine.generate(prompt, sampling_params, request_id, priority)
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats()
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self._engine.default_sampling_params()
+
+    def add_dead_callback(self, callback: Callable[[BaseException], None]) -> None:
+        self._engine.add_dead_callback(callback)
+
+    async def shutdown(self) -> None:
+        self._shutdowns += 1  # the module's engine is borrowed: never passed on
+
+
+def test_async_llm_is_an_engine_client(shared_engine: AsyncLLM) -> None:
+    engine: EngineClient = shared_engine  # what a type checker verifies member by member
+    assert isinstance(engine, EngineClient)
+    assert not isinstance(object(), EngineClient)
+    assert {n for n in dir(ProtocolOnlyEngine) if not n.startswith("_")} == ENGINE_CLIENT_MEMBERS
+    assert isinstance(ProtocolOnlyEngine(shared_engine), EngineClient)
+
+
+async def test_server_needs_only_the_engine_client_protocol(shared_engine: AsyncLLM, ref_llm: LLM) -> None:
+    engine = ProtocolOnlyEngine(shared_engine)
+    # No --served-model-name, and a --max-queue whose check reads the engine's capacity.
+    async for c, _ in make_client(shared_engine, served_model_name=None, serve=engine, max_queue=4):
+        assert (await c.get("/health")).json() == {"status": "ok"}
+        models = (await c.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == [shared_engine.model_name]
+        name = shared_engine.model_name
+        payload = {"model": name, "prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        r = await c.post("/v1/completions", json=payload)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref_text(ref_llm, "hi", 5)
+        messages = [{"role": "user", "content": "hey"}]
+        ref = ref_llm.chat(messages, greedy(3), use_tqdm=False)[0].outputs[0].text
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": messages,
+                "max_tokens": 3,
+                "n": 2,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
+        chunks = parse_sse(r.text)
+        for i in (0, 1):
+            mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+            assert "".join(m["delta"].get("content") or "" for m in mine) == ref
+        # Anthropic's API has no ignore_eos: its reference may stop at EOS.
+        plain = ref_llm.chat(messages, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+        r = await c.post(
+            "/v1/messages", json={"model": name, "max_tokens": 3, "messages": messages, "temperature": 0}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["content"][0]["text"] == plain[0].outputs[0].text
+        text = (await c.get("/metrics")).text
+        assert f'xllm:engine_dead{{model_name="{name}"}} 0.0' in text
+        assert "xllm:num_failed_steps_total" in text
+    assert engine._shutdowns == 0  # served, not owned
+
+
+# ---- one delta stream, rendered per endpoint --------------------------------------------------
+
+
+async def test_streams_send_what_whole_responses_hold(
+    client: httpx.AsyncClient, shared_engine: AsyncLLM
+) -> None:
+    # A stop string that never matches holds back the last 15 characters of the text, so many
+    # tokens add no text when they come; their logprobs must still be sent once, in order, at
+    # their offsets in the text.
+    common = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": "#" * 16}
+    payload = {**common, "prompt": ["x y", "yz"], "n": 2, "echo": True, "logprobs": 2}
+    before = shared_engine.stats().prompt_tokens_total
+    whole = (await client.post("/v1/completions", json=payload)).json()
+    # One engine request per prompt (the engine samples its n choices): each prompt counts once.
+    assert shared_engine.stats().prompt_tokens_total - before == whole["usage"]["prompt_tokens"]
+    chunks = parse_sse((await client.post("/v1/completions", json={**payload, "stream": True})).text)
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    for choice in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert "".join(m["text"] for m in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"] == "length"
+        lp = choice["logprobs"]
+        streamed = {k: [x for m in mine for x in m["logprobs"][k]] for k in lp}
+        assert streamed["tokens"] == lp["tokens"] and len(lp["tokens"]) > 12
+        assert streamed["text_offset"] == lp["text_offset"]
+        assert lp["text_offset"] == list(itertools.accumulate((len(t) for t in lp["tokens"][:-1]), initial=0))
+        assert streamed["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-4)
+
+    payload = {
+        **common,
+        "messages": [{"role": "user", "content": "hey"}],
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    whole = (await client.post("/v1/chat/completions", json=payload)).json()["choices"][0]
+    chunks = parse_sse((await client.post("/v1/chat/completions", json={**payload, "stream": True})).text)
+    pieces = [c["choices"][0] for c in chunks[1:]]  # after the role chunk
+    assert "".join(p["delta"]["content"] for p in pieces) == whole["message"]["content"]
+    content = [t for p in pieces for t in p["logprobs"]["content"]]
+    assert [t["token"] for t in content] == [t["token"] for t in whole["logprobs"]["content"]]
+    assert len(content) == 12 and pieces[-1]["finish_reason"] == "length"

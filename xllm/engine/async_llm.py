@@ -65,8 +65,13 @@ class AsyncLLM:
         return self.engine.max_model_len
 
     @property
+    def max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
+
+    @property
     def model_name(self) -> str:
-        return self.engine.model_path
+        """The name to serve the model under: its path, or "xllm-default" for the embedded model."""
+        return self.engine.model_path if self.config.model is not None else "xllm-default"
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -26,12 +26,14 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xllm import __version__
 from xllm.service.anthropic_errors import MESSAGES_PATH, AnthropicRoute, anthropic_error_response
 from xllm.service.anthropic_protocol import AnthropicErrorResponse, MessagesRequest, MessagesResponse
 from xllm.service.anthropic_serving import MessagesServing
+from xllm.service.engine_client import EngineClient
 from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
 from xllm.service.metrics import ServiceMetrics
 from xllm.service.protocol import (
@@ -86,7 +88,7 @@ class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.phase = Phase.LOADING
-        self.engine: Any = None
+        self.engine: EngineClient | None = None
         self.serving: Serving | None = None
         self.load_error: BaseException | None = None
         self.in_flight = 0  # /v1 requests being served, for the drain
@@ -100,13 +102,12 @@ class ServerState:
         self.engine_dead_error: BaseException | None = None
         self.on_engine_dead: Callable[[BaseException], None] | None = None
 
-    def ready(self, engine: Any) -> None:
+    def ready(self, engine: EngineClient) -> None:
         self.engine = engine
-        engine_model = getattr(getattr(engine, "config", None), "model", None)
-        if not self.config.served_model_name and (engine_model or self.config.model):
+        if not self.config.served_model_name:
             # As vLLM: a model given by path is served under that path; the embedded default
-            # model keeps the short name "xllm-default" rather than its cache directory.
-            self.model_name = str(getattr(engine, "model_name", None) or self.model_name)
+            # model under the short name "xllm-default" rather than its cache directory.
+            self.model_name = engine.model_name
         self.serving = Serving(engine, self.model_name, self.metrics, self.active_ids, self.config.max_queue)
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
@@ -114,7 +115,7 @@ class ServerState:
     def unavailable(self) -> OpenAIError | None:
         """The 503 to answer with instead of serving, or None when requests are welcome."""
         if self.phase is Phase.READY:
-            if getattr(self.engine, "errored", False):
+            if self.engine is not None and self.engine.errored:
                 # The engine loop died (AsyncLLM.errored): nothing can be served until a restart.
                 return OpenAIError(503, "The engine has stopped; see the server log.", code="engine_dead")
             return None
@@ -181,8 +182,19 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     return None
 
 
-def default_engine_factory(config: ServerConfig) -> Callable[[], Any]:
-    def build() -> Any:
+async def respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]) -> Response:
+    """The HTTP response of an endpoint's `work`: its whole response as JSON, or its events as a
+    server-sent-event stream; 499 for a client that left first (see `until_disconnected`)."""
+    result = await until_disconnected(request, work)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if isinstance(result, BaseModel):
+        return JSONResponse(dump(result))
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def default_engine_factory(config: ServerConfig) -> Callable[[], EngineClient]:
+    def build() -> EngineClient:
         from xllm import AsyncLLM
 
         return AsyncLLM(model=config.model, **config.engine_kwargs)
@@ -277,14 +289,15 @@ class ServiceMiddleware:
 
 def create_app(
     config: ServerConfig,
-    engine_factory: Callable[[], Any] | None = None,
+    engine_factory: Callable[[], EngineClient] | None = None,
     state: ServerState | None = None,
-    engine: Any = None,
+    engine: EngineClient | None = None,
 ) -> FastAPI:
     """Build the app; `engine_factory` (run in a thread) defaults to `AsyncLLM(model=..., **engine_kwargs)`.
 
     `engine` serves an engine the caller has already built (e.g. to embed the server in a
-    process that owns an `AsyncLLM`); the caller keeps ownership, so the app does not shut it down.
+    process that owns an `AsyncLLM`, or any other `EngineClient`); the caller keeps ownership,
+    so the app does not shut it down.
     """
     if engine is not None and engine_factory is not None:
         raise ValueError("pass either engine or engine_factory, not both")
@@ -303,12 +316,10 @@ def create_app(
             if state.on_engine_dead is not None:
                 state.on_engine_dead(exc)
 
-        def on_loaded(engine: Any) -> None:
+        def on_loaded(engine: EngineClient) -> None:
             state.ready(engine)
             logger.info("model %s ready", state.model_name)
-            watch = getattr(engine, "add_dead_callback", None)
-            if callable(watch):
-                watch(engine_died)
+            engine.add_dead_callback(engine_died)
 
         def engine_died(exc: BaseException) -> None:
             # Runs on the engine's thread; the state is only written on the event loop. A borrowed
@@ -397,14 +408,7 @@ def create_app(
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
-        result = await until_disconnected(request, serving().completions(body, ctx))
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(result, CompletionResponse):
-            return JSONResponse(dump(result))
-        return StreamingResponse(
-            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return await respond(request, serving().completions(body, ctx))
 
     @app.post(
         "/v1/chat/completions",
@@ -413,14 +417,7 @@ def create_app(
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
-        result = await until_disconnected(request, serving().chat(body, ctx))
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(result, ChatCompletionResponse):
-            return JSONResponse(dump(result))
-        return StreamingResponse(
-            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return await respond(request, serving().chat(body, ctx))
 
     # Anthropic's Messages API; its route class answers its errors in Anthropic's shape.
     anthropic = APIRouter(route_class=AnthropicRoute)
@@ -432,14 +429,7 @@ def create_app(
     )
     async def messages(body: MessagesRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
-        result = await until_disconnected(request, MessagesServing(serving()).create(body, ctx))
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(result, MessagesResponse):
-            return JSONResponse(dump(result))
-        return StreamingResponse(
-            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return await respond(request, MessagesServing(serving()).create(body, ctx))
 
     app.include_router(anthropic)
     return app

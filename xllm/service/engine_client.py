@@ -1,8 +1,11 @@
-"""The server's side of `AsyncLLM`: turn requests into engine calls and merge their output streams.
+"""What the server asks of an engine (`EngineClient`), and running one HTTP request's engine requests.
 
-One HTTP request may become several engine requests (one per prompt of a batched completion,
-and one per choice when the engine's `SamplingParams` has no `n`). `EngineRun` starts them,
-yields their cumulative `RequestOutput`s as they arrive, and — whatever way the consumer stops
+`EngineClient` is the whole contract between the service and the engine layer: `AsyncLLM`
+implements it in process, and a cluster router can implement it over HTTP, so nothing in the
+service reaches past it. One HTTP request may become several engine requests, one per prompt
+of a batched completion; the request's `n` choices of a prompt are one engine request
+(`SamplingParams.n`), so they share the prompt's KV blocks. `EngineRun` starts them, yields
+their cumulative `RequestOutput`s as they arrive, and — whatever way the consumer stops
 (finished, client disconnected, server draining) — aborts every engine request that has not
 finished so its KV blocks are freed. Nothing here knows about HTTP beyond raising `OpenAIError`.
 """
@@ -10,51 +13,81 @@ finished so its KV blocks are freed. Nothing here knows about HTTP beyond raisin
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 
 from xllm.engine.errors import EngineDeadError
+from xllm.engine.outputs import RequestOutput
+from xllm.engine.sampling_params import SamplingParams
 from xllm.service.errors import OpenAIError, bad_request, engine_dead, from_value_error
+
+if TYPE_CHECKING:
+    from xllm.engine.llm_engine import EngineStats, PromptInput
 
 logger = logging.getLogger("xllm.service")
 
 
-@lru_cache(maxsize=1)
-def sampling_params_class() -> type:
-    from xllm import SamplingParams
+@runtime_checkable
+class EngineClient(Protocol):
+    """Everything the server needs of an engine; `AsyncLLM` is one.
 
-    return SamplingParams
-
-
-@lru_cache(maxsize=1)
-def sampling_param_names() -> frozenset[str]:
-    """The keyword arguments `SamplingParams` accepts (a pydantic model, a dataclass or a plain class)."""
-    cls = sampling_params_class()
-    fields = getattr(cls, "model_fields", None) or getattr(cls, "__dataclass_fields__", None)
-    if fields:
-        return frozenset(fields)
-    return frozenset(p for p in inspect.signature(cls).parameters if p != "self")
-
-
-def make_sampling_params(required: dict[str, Any], optional: dict[str, Any]) -> Any:
-    """Build `SamplingParams`; `required` keys must be supported, `optional` ones are dropped if not.
-
-    `required` holds what the client asked for explicitly (a non-default value): silently
-    ignoring it would return something the client did not ask for, so it is a 400 instead.
+    Kept small and asynchronous on purpose so that a remote implementation (a router speaking
+    HTTP to engine processes) fits it: the properties are fixed once the engine is loaded, and
+    `stats()` and `errored` are cheap reads the server makes per request and per scrape.
     """
-    names = sampling_param_names()
-    for key in required:
-        if key not in names:
-            raise bad_request(f"'{key}' is not supported by this server", param=key)
-    kwargs = {**{k: v for k, v in optional.items() if k in names}, **required}
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer: the server tokenizes prompts itself (so their length
+        is checked and counted exactly) and applies its chat template."""
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus completion tokens one request may hold."""
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences the engine runs at once; beyond them requests wait (the --max-queue check)."""
+
+    @property
+    def model_name(self) -> str:
+        """The name the model is listed under when the server is given none."""
+
+    @property
+    def errored(self) -> bool:
+        """True once the engine has stopped for good; every later call fails with EngineDeadError."""
+
+    def generate(
+        self, prompt: PromptInput, sampling_params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request (all its `n` choices) until it finishes; raises
+        ValueError before yielding anything when the request is refused, EngineDeadError when the
+        engine dies. Closing the iterator early aborts the request."""
+
+    async def abort(self, request_id: str) -> None:
+        """Stops a request and frees its KV blocks; its stream ends with finish_reason "abort"."""
+
+    def stats(self) -> EngineStats:
+        """Queue, KV-cache and token counters, read per request (--max-queue) and per scrape."""
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The model's generation_config.json defaults, for fields a request leaves unset."""
+
+    def add_dead_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """Calls ``callback(cause)`` once when the engine dies, from any thread."""
+
+    async def shutdown(self) -> None:
+        """Stops the engine (a server shuts down only an engine it built itself)."""
+
+
+def make_sampling_params(**kwargs: Any) -> SamplingParams:
+    """`SamplingParams(**kwargs)`, its refusal of a value turned into a 400 naming the field."""
     try:
-        return sampling_params_class()(**kwargs)
+        return SamplingParams(**kwargs)
     except ValueError as exc:
         raise from_value_error(exc) from exc
     except TypeError as exc:  # a field of the wrong type that pydantic let through
@@ -63,15 +96,15 @@ def make_sampling_params(required: dict[str, Any], optional: dict[str, Any]) -> 
 
 @dataclass(slots=True)
 class SubRequest:
-    """One engine request of an HTTP request; its outputs become choices `choice_base + index`."""
+    """One engine request of an HTTP request (one prompt); its `n` outputs become the response's
+    choices `choice_base + index`."""
 
     engine_request_id: str
     prompt_ids: list[int]
     prompt_text: str | None
-    params: Any
+    params: SamplingParams
     choice_base: int
     finished: bool = False
-    last: Any = None  # the latest (cumulative) RequestOutput
 
 
 @dataclass(slots=True)
@@ -86,13 +119,12 @@ class AdmissionTracker:
 
     outstanding: int = 0
 
-    def would_wait(self, engine: Any) -> int:
+    def would_wait(self, engine: EngineClient) -> int:
         """How many requests will be waiting in the engine once those in transit arrive."""
         stats = engine.stats()
-        running, waiting = int(stats.num_running), int(stats.num_waiting)
+        running, waiting = stats.num_running, stats.num_waiting
         in_transit = max(0, self.outstanding - running - waiting)
-        max_num_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None) or 0
-        free_slots = max(0, max_num_seqs - running - waiting)
+        free_slots = max(0, engine.max_num_seqs - running - waiting)
         return waiting + max(0, in_transit - free_slots)
 
 
@@ -100,7 +132,7 @@ class AdmissionTracker:
 class EngineRun:
     """Runs the sub-requests of one HTTP request and aborts the unfinished ones when closed."""
 
-    engine: Any
+    engine: EngineClient
     subs: list[SubRequest]
     active_ids: set[str]  # the server's set of in-flight engine request ids (for drain aborts)
     admission: AdmissionTracker = field(default_factory=AdmissionTracker)
@@ -124,7 +156,7 @@ class EngineRun:
             return
         await self._queue.put((i, None, None))
 
-    async def outputs(self) -> AsyncIterator[tuple[SubRequest, Any]]:
+    async def outputs(self) -> AsyncIterator[tuple[SubRequest, RequestOutput]]:
         """Yield (sub-request, cumulative RequestOutput) until all sub-requests finish."""
         for sub in self.subs:
             self.active_ids.add(sub.engine_request_id)
@@ -150,10 +182,9 @@ class EngineRun:
                     pending -= 1
                     sub.finished = True
                     continue
-                if getattr(out, "error", None):
+                if out.error:
                     # The engine failed this request alone; its message may hold internals.
                     raise RuntimeError(f"engine request {sub.engine_request_id} failed: {out.error}")
-                sub.last = out
                 if out.finished:
                     sub.finished = True
                 yield sub, out

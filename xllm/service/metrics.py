@@ -11,11 +11,14 @@ tests) in one process never share counters.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from xllm.service.engine_client import EngineClient
 
 # vLLM's buckets, so dashboards built for vLLM read these unchanged.
 TTFT_BUCKETS_S = (
@@ -85,7 +88,9 @@ E2E_BUCKETS_S = (
 class EngineStatsCollector(Collector):
     """Reads `engine.stats()` at scrape time; yields nothing while the model is still loading."""
 
-    def __init__(self, get_engine: Callable[[], Any], get_model_name: Callable[[], str]) -> None:
+    def __init__(
+        self, get_engine: Callable[[], EngineClient | None], get_model_name: Callable[[], str]
+    ) -> None:
         self._get_engine = get_engine
         self._get_model_name = get_model_name
 
@@ -128,29 +133,29 @@ class EngineStatsCollector(Collector):
         )
         yield counter("xllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
         yield counter("xllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
-        preemptions = getattr(s, "num_preemptions", None)
-        if preemptions is not None:
-            yield counter("xllm:num_preemptions", "Requests preempted to free KV-cache blocks.", preemptions)
-        failed_steps = getattr(s, "num_failed_steps", None)
-        if failed_steps is not None:
-            yield counter(
-                "xllm:num_failed_steps",
-                "Model steps that raised (their requests failed; a run of them stops the engine).",
-                failed_steps,
-            )
+        yield counter(
+            "xllm:num_preemptions", "Requests preempted to free KV-cache blocks.", s.num_preemptions
+        )
+        yield counter(
+            "xllm:num_failed_steps",
+            "Model steps that raised (their requests failed; a run of them stops the engine).",
+            s.num_failed_steps,
+        )
         # 1 once the engine has stopped for good (a device fault or too many failed steps in a
         # row): /health answers 503 and `xllm serve` is about to exit with status 1.
         yield gauge(
             "xllm:engine_dead",
             "1 if the engine has stopped and cannot serve.",
-            1.0 if getattr(engine, "errored", False) else 0.0,
+            1.0 if engine.errored else 0.0,
         )
 
 
 class ServiceMetrics:
     """The registry of one app and the per-request instruments the handlers observe."""
 
-    def __init__(self, get_engine: Callable[[], Any], get_model_name: Callable[[], str]) -> None:
+    def __init__(
+        self, get_engine: Callable[[], EngineClient | None], get_model_name: Callable[[], str]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineStatsCollector(get_engine, get_model_name))
         self._get_model_name = get_model_name
