@@ -97,6 +97,29 @@ def test_auto_selection_falls_back_to_cpu(monkeypatch):
     assert isinstance(get_backend(), CpuBackend)
 
 
+class OptionsBackend(CpuBackend):
+    """Records the options it was built with (what `backend_options` / `--backend-option` give)."""
+
+    name = "options-recorder"
+
+    def __init__(self, **options: object) -> None:
+        super().__init__()
+        self.options = options
+
+
+def test_auto_selection_passes_options_to_the_chosen_backend(monkeypatch, temp_backends):
+    # Auto-selection used to call get_backend(candidate) and drop the options on the floor, so a
+    # backend chosen by $XLLM_BACKEND-less default ran without what the user asked for.
+    monkeypatch.delenv("XLLM_BACKEND", raising=False)
+    temp_backends("nodevice", NoDeviceBackend)
+    temp_backends("options-recorder", OptionsBackend)
+    monkeypatch.setattr(registry, "DEFAULT_PREFERENCE", ("nodevice", "options-recorder"))
+    backend = get_backend(None, answer=42)
+    assert isinstance(backend, OptionsBackend) and backend.options == {"answer": 42}
+    assert get_backend(None, answer=42) is backend  # cached per name and options as by name
+    assert get_backend().options == {}  # no options: another instance
+
+
 PLUGIN_MODULE = """
 from xllm.hal.backend import Backend
 

@@ -2,9 +2,10 @@
 
 The backend under test is compared against the CPU reference backend or the independent NumPy
 oracle (the default for ``--backend cpu``; comparing a backend with itself is refused because it
-proves nothing). The whole-model greedy-decode cases (``--filter model``) run through the engine
-and, against ``numpy``, take Hugging Face transformers as their oracle. Exit status: 0 when every case passed or was skipped as not supported, 1 on any
-failure or error, 2 when the backend is unknown or cannot run here (with the reason).
+proves nothing). The whole-model greedy-decode cases (``--filter model``, from `xllm.conformance`)
+run through the engine and, against ``numpy``, take Hugging Face transformers as their oracle.
+Exit status: 0 when every case passed or was skipped as not supported, 1 on any failure or error,
+2 when the backend is unknown or cannot run here (with the reason).
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def _fmt(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The whole-model decode kind lives in the engine (the HAL must not import it); it is
-    # registered for this run only, so callers of main() in one process see no lasting change.
-    from xllm.engine.conformance_model import model_kind_registered
+    # The whole-model decode kind lives above the engine, in xllm.conformance (the HAL must not
+    # import it); it is registered for this run only, so callers of main() in one process see no
+    # lasting change.
+    from xllm.conformance import kinds_registered
 
-    with model_kind_registered():
+    with kinds_registered():
         return _run(args)
 
 

@@ -1,61 +1,119 @@
-"""Engine flags shared by `xllm generate`, `xllm serve` and `xllm bench throughput`."""
+"""Engine flags shared by `xllm generate`, `xllm serve` and `xllm bench throughput`.
+
+They are derived from `EngineConfig`, not copied from it: every field becomes one flag named
+``--field-name`` (or the historical name in `_FLAG_NAMES`), with the field's description as its
+help and its default as the flag's, so a knob added to the config reaches the command line with
+no change here. Booleans are ``--x`` / ``--no-x`` pairs; lists take one or more values;
+`backend_options` is ``--backend-option KEY=VALUE``, repeatable, each VALUE read as JSON when it
+parses (``interpret=true``, ``num_threads=4``) and as a plain string otherwise. `engine_kwargs`
+turns the parsed flags back into `EngineConfig` keyword arguments, one per field.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from xllm.dtypes import DTYPE_ALIASES
+from xllm.engine.config import EngineConfig, parse_bytes
+
+# Fields whose flags are not plain ``--field-name`` (the first name is the one help shows). The
+# short boolean names predate this module; vLLM's longer spellings are accepted as well.
+_FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "enable_prefix_caching": ("--prefix-caching", "--enable-prefix-caching"),
+    "use_graphs": ("--graphs", "--use-graphs"),
+    "backend_options": ("--backend-option",),
+}
+
+
+def _byte_size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: object = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string: device=npu:1
+    return key, value
+
+
+# Fields whose values need a parser other than their annotation's type.
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"kv_cache_memory": _byte_size}
+_FLAG_CHOICES: dict[str, tuple[str, ...]] = {"dtype": ("auto", *DTYPE_ALIASES)}
+
+
+def flag_names(field: str) -> tuple[str, ...]:
+    """The option strings of an `EngineConfig` field (``--no-...`` forms of booleans aside)."""
+    return _FLAG_NAMES.get(field, ("--" + field.replace("_", "-"),))
+
+
+def _value_type(annotation: Any) -> Any:
+    """int for ``int | None``, list[int] for ``list[int] | None``; Any stays Any."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)"
-    )
-    g.add_argument(
-        "--backend", default=None, help="backend name (default: $XLLM_BACKEND or the first available)"
-    )
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument(
-        "--kv-cache-memory", default=None, help="KV-cache bytes, e.g. 2GiB (default: sized automatically)"
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="on an accelerator, the fraction of device memory for weights, activations and the KV "
-        "cache, sized after a profiling pass at the largest batch (default 0.9; ignored on the CPU "
-        "and when --kv-cache-memory is given)",
-    )
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument(
-        "--no-graphs", action="store_true", help="run decode steps eagerly instead of graph replay"
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--max-consecutive-step-failures",
-        type=int,
-        default=3,
-        help="stop the engine (and exit `xllm serve` with status 1) after this many failed model "
-        "steps in a row; an error the backend calls fatal stops it at once (default 3)",
-    )
+    g = p.add_argument_group("engine", "every EngineConfig field; see `xllm.engine.config`")
+    for name, field in EngineConfig.model_fields.items():
+        kind = _value_type(field.annotation)
+        help_text = (field.description or "").replace("%", "%%")  # argparse %-formats help
+        flags = flag_names(name)
+        default = field.get_default(call_default_factory=True)
+        if kind is bool:
+            # BooleanOptionalAction adds the --no-... forms.
+            help_text += f" (default: {'on' if default else 'off'})"
+            g.add_argument(
+                *flags,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+        elif typing.get_origin(kind) is dict:
+            g.add_argument(
+                *flags,
+                dest=name,
+                action="append",
+                type=_key_value,
+                default=None,
+                metavar="KEY=VALUE",
+                help=f"{help_text} (repeatable)",
+            )
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            g.add_argument(
+                *flags, dest=name, nargs="+", type=item, default=default, metavar="N", help=help_text
+            )
+        else:
+            if default is not None and "default" not in help_text:
+                help_text += " (default: %(default)s)"
+            g.add_argument(
+                *flags,
+                dest=name,
+                type=_FLAG_TYPES.get(name, kind if kind in (int, float) else str),
+                choices=_FLAG_CHOICES.get(name),
+                default=default,
+                help=help_text,
+            )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "model": args.model,
-        "backend": args.backend,
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "block_size": args.block_size,
-        "kv_cache_memory": args.kv_cache_memory,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "use_graphs": not args.no_graphs,
-        "seed": args.seed,
-        "max_consecutive_step_failures": args.max_consecutive_step_failures,
-    }
+    """`EngineConfig` keyword arguments, one per field, from flags added by `add_engine_arguments`."""
+    kwargs = {name: getattr(args, name) for name in EngineConfig.model_fields}
+    kwargs["backend_options"] = dict(kwargs["backend_options"] or ())
+    return kwargs

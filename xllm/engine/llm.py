@@ -11,13 +11,14 @@ from xllm.engine.config import EngineConfig
 from xllm.engine.llm_engine import LLMEngine, PromptInput
 from xllm.engine.outputs import RequestOutput
 from xllm.engine.sampling_params import SamplingParams
+from xllm.hal import Backend
 
 
 class LLM:
     def __init__(
         self,
         model: str | None = None,
-        backend: str | None = None,
+        backend: str | Backend | None = None,
         dtype: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
@@ -26,6 +27,9 @@ class LLM:
         seed: int = 0,
         **kwargs: object,
     ) -> None:
+        """`backend`: a registry name (opened with ``backend_options``), a `Backend` instance to
+        run on as it is, or None for ``$XLLM_BACKEND`` / the first available backend. Every
+        other keyword is an `EngineConfig` field."""
         self.config = EngineConfig(
             model=None if model is None else str(model),
             backend=backend,

@@ -2,7 +2,8 @@
 
 It owns the request lifecycle in one place: admission (tokenise, validate, reject alone),
 scheduling, one model step, and output processing (append tokens, detokenise, stop checks,
-finish and free). Everything device-specific is behind the HAL backend it gets from the registry.
+finish and free). Everything device-specific is behind the HAL backend: the one the config
+names, opened through the registry, or a `Backend` instance the caller passed in.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from xllm.engine.config import EngineConfig
+from xllm.dtypes import torch_dtype
+from xllm.engine.config import EngineConfig, chunked_prefill_error
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.engine.errors import PromptTooLongError
 from xllm.engine.faults import StepFaults, describe
@@ -26,20 +28,10 @@ from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import ScheduledSequence, Scheduler
 from xllm.engine.sequence import Request, Sequence, SequenceStatus
-from xllm.hal import get_backend
+from xllm.hal import Backend, get_backend
 
 logger = logging.getLogger("xllm.engine")
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 _SEED_BITS = 63
 
 PromptInput = str | list[int] | dict
@@ -67,10 +59,14 @@ class LLMEngine:
         from xllm.models import default_model_path, load_generation_config, load_model, load_tokenizer
 
         self.config = config
-        self.backend = get_backend(config.backend, **config.backend_options)
+        # A Backend instance is used as given (its options are its own); a name goes to the registry.
+        if isinstance(config.backend, Backend):
+            self.backend = config.backend
+        else:
+            self.backend = get_backend(config.backend, **config.backend_options)
         model_path = str(config.model) if config.model is not None else str(default_model_path())
         self.model_path = model_path
-        dtype = self._choose_dtype(model_path) if config.dtype == "auto" else _DTYPES[config.dtype]
+        dtype = self._choose_dtype(model_path) if config.dtype == "auto" else torch_dtype(config.dtype)
         self.model = load_model(model_path, self.backend, dtype=dtype)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
@@ -95,6 +91,8 @@ class LLMEngine:
                     f"holds {num_blocks}; raise kv_cache_memory or lower max_model_len"
                 )
             max_len = capacity
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_len:
+            raise ValueError(chunked_prefill_error(config.max_num_batched_tokens, max_len))
         self.max_model_len = max_len
         log_kv_cache_plan(plan, config.block_size, max_len)
         self.kv_caches = self.backend.allocate_kv_cache(
@@ -106,7 +104,9 @@ class LLMEngine:
             self.model.dtype,
         )
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+        )
         self.runner = ModelRunner(
             self.backend,
             self.model,

@@ -83,6 +83,8 @@ def load_backend_class(name: str) -> type[Backend]:
 def get_backend(name: str | None = None, **options: object) -> Backend:
     """The backend instance for `name`, else ``$XLLM_BACKEND``, else the first available one.
 
+    `options` go to the chosen backend's probe and constructor however it was chosen (when
+    auto-selecting, a candidate whose probe rejects them is skipped like an unavailable one).
     Instances are cached per name and options, so every layer of one process shares one backend.
     """
     if name is None:
@@ -91,7 +93,7 @@ def get_backend(name: str | None = None, **options: object) -> Backend:
         reasons = []
         for candidate in DEFAULT_PREFERENCE:
             try:
-                return get_backend(candidate)
+                return get_backend(candidate, **options)
             except BackendUnavailableError as exc:
                 reasons.append(f"{candidate}: {exc.reason}")
         raise BackendUnavailableError("auto", "no backend is available (" + "; ".join(reasons) + ")")

@@ -17,18 +17,12 @@ from typing import Any
 
 import torch
 
+from xllm.dtypes import torch_dtype
+
 SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
 
 # Rope types whose inverse frequencies `layers.rope_inv_freq` knows how to compute.
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 
 
 class ModelConfigError(ValueError):
@@ -36,13 +30,15 @@ class ModelConfigError(ValueError):
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """'bfloat16' / 'torch.bfloat16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
+    """'bfloat16' / 'torch.bfloat16' / torch.bfloat16 -> torch.bfloat16; None stays None.
+
+    The names are `xllm.dtypes.DTYPE_ALIASES`, the table the engine and the CLI read too."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    key = str(name).removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ModelConfigError(f"unsupported dtype {name!r}; expected one of float32, bfloat16, float16")
-    return _DTYPES[key]
+    try:
+        return torch_dtype(name)
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from xllm.dtypes import torch_dtype
 from xllm.models.config import SUPPORTED_FAMILIES
 
 # Bumped whenever the files written for the same arguments change (the default-model cache keys on it).
@@ -258,7 +259,7 @@ def hf_config(family: str, size: str) -> dict[str, Any]:
 def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     """HF-named tensors drawn from a seeded generator, in a fixed order (determinism)."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    dtype = torch_dtype(cfg["dtype"])
     hidden, head_dim = cfg["hidden_size"], cfg["head_dim"]
     q_size = cfg["num_attention_heads"] * head_dim
     kv_size = cfg["num_key_value_heads"] * head_dim

@@ -8,7 +8,7 @@ test-backend-ops keeps its cases the same way).
 A *case kind* knows how to build its cases and how to check one on a backend against a
 reference. Kinds register themselves here by name; `xllm.hal.conformance.ops` registers the eight
 HAL ops and `xllm.hal.conformance.system` graph replay and xTensor memory. The whole-model greedy
-decode kind lives above the HAL (`xllm.engine.conformance_model`, which drives the engine) and is
+decode kind lives above the engine (`xllm.conformance.model`, which drives `LLM`) and is
 registered with `register_kind("model", ...)` for the duration of an ``xllm conformance`` run.
 """
 

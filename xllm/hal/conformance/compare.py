@@ -58,7 +58,7 @@ THRESHOLDS: dict[str, dict[torch.dtype, float]] = {
     # may still reorder reductions, so the attention-level thresholds apply.
     "graph_replay": {torch.float32: 2e-6},
     "xtensor": {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 0.0},
-    # Whole-model greedy decode (xllm.engine.conformance_model): NMSE of the chosen tokens'
+    # Whole-model greedy decode (xllm.conformance.model): NMSE of the chosen tokens'
     # logprobs (12 greedy steps x 4 prompts, tiny models) against the reference's. Measured, CPU
     # backend vs transformers: float32 <= 5e-12, float16 <= 2e-5, bfloat16 <= 2e-3 (transformers
     # rounds its logits to the model dtype, xllm keeps them float32); a GPT-J-style RoPE gives

@@ -16,7 +16,7 @@ import torch
 
 import xllm.cli.main as cli_main
 from xllm.backends.cpu.backend import CpuBackend
-from xllm.engine.conformance_model import Decode, compare_decodes, model_kind_registered
+from xllm.conformance.model import Decode, compare_decodes, model_kind_registered
 from xllm.hal import AttentionMetadata, get_backend
 from xllm.hal.conformance import Checker, NumpyReference, Status, build_cases, kinds, run_suite, threshold_for
 

@@ -19,10 +19,11 @@ reference rates the backend's token less than `MODEL_NEAR_TIE_NATS` below its ow
 top-2 gap there is below that too). The chosen tokens' logprobs up to and including the
 divergence are compared by NMSE, and nothing after it (the contexts differ from there on).
 
-Layering: this module sits in the engine (it drives `LLM`) and registers the kind with the HAL's
-conformance registry, which never imports the engine or the models. Registration is explicit and
-scoped (`model_kind_registered()`), as ``xllm conformance`` does around its run, so the kind does
-not leak into other users of the registry in the same process.
+Layering: this module sits above the engine (it drives `LLM`, handing it the very backend
+instance under test) and registers the kind with the HAL's conformance registry, which never
+imports the engine or the models (see `xllm.conformance`). Registration is explicit and scoped
+(`model_kind_registered()`), as ``xllm conformance`` does around its run, so the kind does not
+leak into other users of the registry in the same process.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from xllm.hal import Backend, register_backend, unregister_backend
+from xllm.hal import Backend
 from xllm.hal.conformance import NumpyReference
 from xllm.hal.conformance.cases import Case, dtype_name, make_case, register_kind, unregister_kind
 from xllm.hal.conformance.compare import MODEL_NEAR_TIE_NATS, Checker
@@ -121,37 +122,11 @@ class Decode:
         return values[0] - values[1] if len(values) > 1 else float("inf")
 
 
-@contextmanager
-def _engine_backend_name(backend: Backend) -> Iterator[str]:
-    """A registry name under which `get_backend` returns exactly this backend instance.
-
-    The engine opens its backend by name (``get_backend(config.backend, **backend_options)``),
-    while the conformance runner hands us an instance that the CLI built with its options
-    (``interpret=True`` for ``--interpret``) or that a test built directly. Registering a
-    subclass whose constructor returns the instance makes the engine run on that very object,
-    options and all, instead of on a second instance built from a name and a guess at them.
-    """
-
-    class ThisInstance(type(backend)):  # type: ignore[misc, valid-type]
-        def __new__(cls, **options: object) -> Backend:  # noqa: ARG004 - options are already applied
-            return backend  # not a ThisInstance, so Python does not run __init__ on it again
-
-        @classmethod
-        def probe(cls, **options: object) -> str | None:
-            return None  # it exists already
-
-    name = f"conformance-model-{id(backend):x}"
-    register_backend(name, ThisInstance)
-    try:
-        yield name
-    finally:
-        unregister_backend(name)
-
-
 def decode_with_engine(
     backend: Backend, path: Path, dtype: torch.dtype, prompts: list[list[int]], max_tokens: int
 ) -> list[Decode]:
-    """Greedy decode of `prompts` through xllm's engine on `backend`."""
+    """Greedy decode of `prompts` through xllm's engine on `backend`: this very instance, with
+    whatever options it was built with (``interpret=True`` for ``--interpret``, a test double)."""
     from xllm.engine.llm import LLM
     from xllm.engine.sampling_params import SamplingParams
     from xllm.models import ModelConfig
@@ -160,22 +135,19 @@ def decode_with_engine(
     max_len = max(len(p) for p in prompts) + max_tokens
     blocks = len(prompts) * -(-max_len // BLOCK_SIZE) + 4
     block_bytes = 2 * config.num_layers * BLOCK_SIZE * config.num_kv_heads * config.head_dim * dtype.itemsize
-    with _engine_backend_name(backend) as name:
-        llm = LLM(
-            model=str(path),
-            backend=name,
-            dtype=dtype_name(dtype),
-            block_size=BLOCK_SIZE,
-            max_model_len=max_len,
-            kv_cache_memory=blocks * block_bytes,  # a few blocks, not a share of device memory
-            max_num_seqs=len(prompts),
-            max_num_batched_tokens=STEP_TOKEN_BUDGET,
-        )
-        params = SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS
-        )
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        del llm  # frees the KV cache before the next engine is built
+    llm = LLM(
+        model=str(path),
+        backend=backend,
+        dtype=dtype_name(dtype),
+        block_size=BLOCK_SIZE,
+        max_model_len=max_len,
+        kv_cache_memory=blocks * block_bytes,  # a few blocks, not a share of device memory
+        max_num_seqs=len(prompts),
+        max_num_batched_tokens=STEP_TOKEN_BUDGET,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    del llm  # frees the KV cache before the next engine is built
     decodes = []
     for out in outputs:
         comp = out.outputs[0]
