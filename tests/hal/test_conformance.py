@@ -277,6 +277,28 @@ def test_a_sampler_that_is_not_random_fails_the_seeded_cases() -> None:
     assert all("not random" in r.detail for r in report.results if r.name in failed)
 
 
+def test_a_sampler_with_another_random_stream_fails_the_float32_seeded_cases() -> None:
+    from xllm.backends.cpu.backend import CpuBackend
+    from xllm.hal import sampling_ops
+
+    class FlippedDraws(CpuBackend):
+        """Seeded, reproducible, batch-invariant and of the right law (u -> 1 - u), but not the
+        contract's random stream: the same seed must give the same tokens on every backend."""
+
+        name = "flipped-draws"
+
+        def _sample(self, logits, sampling):
+            draws = sampling_ops.random_draws(sampling)
+            flipped = sampling_ops.RandomDraws(draws.rows, 1.0 - draws.uniforms)
+            return sampling_ops.sample(logits, sampling, flipped)
+
+    report = run_suite(FlippedDraws(), NumpyReference(), build_cases(filters=["sample("]))
+    failed = {r.name for r in report.results if r.status == Status.FAIL}
+    random_float32 = [r.name for r in report.results if r.dtype == "float32" and "greedy" not in r.name]
+    assert random_float32 and failed == set(random_float32)
+    assert all("seeded random tokens == reference" in r.detail for r in report.results if r.name in failed)
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 

@@ -16,13 +16,7 @@ from xllm.hal.errors import (
 )
 from xllm.hal.graphs import DEFAULT_CAPTURE_SIZES, GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
-from xllm.hal.metadata import (
-    AttentionMetadata,
-    SampleOutput,
-    SamplingMetadata,
-    mask_banned_tokens,
-    pad_token_lists,
-)
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, pad_token_lists
 from xllm.hal.registry import (
     BackendInfo,
     get_backend,
@@ -31,7 +25,8 @@ from xllm.hal.registry import (
     register_backend,
     unregister_backend,
 )
-from xllm.hal.streams import Event, Stream
+from xllm.hal.sampling_ops import mask_banned_tokens
+from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -52,6 +47,8 @@ __all__ = [
     "SampleOutput",
     "SamplingMetadata",
     "Stream",
+    "SyncEvent",
+    "SyncStream",
     "UnknownBackendError",
     "UnmappedMemoryError",
     "XTensor",

@@ -19,16 +19,15 @@ import torch
 from xllm.backends.ascend.translation import (
     FIA_NO_LIMIT,
     BatchPart,
-    _splitmix64,
     blocks_touched,
     cache_write_plan,
     fia_args,
     mask_window,
-    row_seed,
     sampling_plan,
     split_by_kind,
     token_layout,
 )
+from xllm.hal.sampling_ops import row_seed, row_uniforms
 
 QSL = torch.tensor([0, 1, 2, 6], dtype=torch.int32)
 SEQ_LENS = torch.tensor([5, 9, 10], dtype=torch.int32)
@@ -119,18 +118,6 @@ def test_cache_write_plan_drops_negative_slots():
         cache_write_plan([36], num_slots=36)
 
 
-def test_row_seed_is_splitmix64():
-    assert _splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's published first output for state 0
-    assert row_seed(0, 0) == _splitmix64(0xE220A8397B1DCDAF)
-    assert row_seed(7, 1) != row_seed(7, 2) != row_seed(8, 1)
-
-
-def test_row_seed_matches_the_cpu_reference():
-    cpu_sampling = pytest.importorskip("xllm.backends.cpu.sampling")
-    for seed, step in [(0, 0), (1, 5), (2**40 + 3, 17), (-1, 2)]:
-        assert row_seed(seed, step) == cpu_sampling.row_seed(seed, step)
-
-
 def test_sampling_plan_rows_and_switches():
     plan = sampling_plan(
         torch.tensor([0.0, 0.7, 1.0]),
@@ -147,6 +134,8 @@ def test_sampling_plan_rows_and_switches():
     assert plan.random_rows == [1, 2]
     assert plan.row_seeds == [row_seed(2, 5), row_seed(3, 9)]
     assert len(plan.uniforms) == 2
+    # The HAL's per-row host draws, the very numbers the CPU reference draws for these rows.
+    assert plan.uniforms == row_uniforms([2, 3], [5, 9]).tolist()
     assert (
         plan.apply_penalties,
         plan.apply_temperature,
@@ -175,11 +164,3 @@ def test_sampling_plan_rows_and_switches():
     )
     assert greedy.random_rows == [] and greedy.apply_penalties and not greedy.apply_top_k
     assert greedy.num_logprobs == -1
-
-
-def test_row_uniform_is_one_host_draw_per_seed():
-    from xllm.backends.ascend.translation import row_uniform
-
-    gen = torch.Generator().manual_seed(row_seed(3, 9))
-    assert row_uniform(row_seed(3, 9)) == float(torch.rand((), dtype=torch.float64, generator=gen))
-    assert 0.0 <= row_uniform(0) < 1.0

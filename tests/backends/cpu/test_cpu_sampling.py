@@ -15,10 +15,10 @@ def logits_for(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_greedy_is_exact_argmax_without_processing(cpu, monkeypatch):
-    from xllm.backends.cpu import sampling as cpu_sampling
+    from xllm.hal import sampling_ops
 
     # The all-greedy fast path must not copy, sort or process the logits at all.
-    monkeypatch.setattr(cpu_sampling, "processed_logits", lambda *a: pytest.fail("processed greedy logits"))
+    monkeypatch.setattr(sampling_ops, "processed_logits", lambda *a: pytest.fail("processed greedy logits"))
     logits = logits_for(5)
     out = cpu.sample(logits, SamplingMetadata.from_lists(temperature=[0.0] * 5))
     assert torch.equal(out.sampled_token_ids, logits.argmax(-1))

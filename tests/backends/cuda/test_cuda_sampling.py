@@ -1,6 +1,7 @@
-"""Sampling on the CUDA backend (batched torch, run here on CPU tensors): the same processed
-logits as the CPU reference, and a counter-based generator keyed by (seed, step, token) whose
-draws are reproducible, independent of the batch, and distributed as softmax(processed)."""
+"""Sampling on the CUDA backend (the HAL's reference sampling, run here on CPU tensors): the same
+processed logits as the CPU reference, and draws from the HAL's per-row random stream that are
+reproducible, independent of the batch, distributed as softmax(processed), and the very tokens
+the CPU reference draws for the same seed."""
 
 from __future__ import annotations
 
@@ -89,14 +90,34 @@ def test_draws_follow_the_processed_distribution(backend):
     assert (freq - probs.double()).abs().max() < 0.032
 
 
-def test_uniform_noise_properties():
-    from xllm.backends.cuda.sampling import uniform_noise
-
-    u = uniform_noise(torch.tensor([0, 1, 2**40 + 5]), torch.tensor([0, 0, 3]), 50000)
-    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
-    assert abs(float(u.mean()) - 0.5) < 0.01
-    again = uniform_noise(torch.tensor([2**40 + 5]), torch.tensor([3]), 50000)
-    assert torch.equal(again[0], u[2])
+def test_same_seed_gives_the_cpu_backends_tokens(backend, cpu):
+    """One random stream on every backend: a seeded row draws the token the CPU reference draws
+    (row_seed -> one host uniform per row -> inverse CDF), not merely a token of the same law."""
+    logits = _logits(6, 300, seed=3)
+    md = SamplingMetadata.from_lists(
+        temperature=[0.0, 0.7, 1.0, 1.3, 1.0, 0.9],
+        top_k=[0, 50, 0, 20, 0, 0],
+        top_p=[1.0, 0.9, 1.0, 0.8, 1.0, 1.0],
+        min_p=[0.0, 0.0, 0.05, 0.0, 0.0, 0.0],
+        seeds=[1, 2, 3, 4, 5, 2**40 + 7],
+        steps=[0, 3, 7, 1, 0, 12],
+        repetition_penalty=[1.0, 1.2, 1.0, 1.0, 1.0, 1.0],
+        frequency_penalty=[0.0, 0.0, 0.0, 0.3, 0.0, 0.0],
+        prompt_token_ids=[[], [1, 2, 3], [], [], [], []],
+        output_token_ids=[[], [4, 4], [], [5, 6], [], []],
+        vocab_size=300,
+    )
+    tokens = backend.sample(logits, md).sampled_token_ids
+    assert tokens.tolist() == cpu.sample(logits, md).sampled_token_ids.tolist()
+    # One request over 64 steps at a flat temperature: the whole sampled sequence is the same.
+    steps = 64
+    flat = SamplingMetadata.from_lists(
+        temperature=[1.5] * steps, seeds=[1234] * steps, steps=list(range(steps))
+    )
+    rows = logits[2:3].expand(steps, -1).contiguous()
+    sequence = backend.sample(rows, flat).sampled_token_ids.tolist()
+    assert sequence == cpu.sample(rows, flat).sampled_token_ids.tolist()
+    assert len(set(sequence)) > 10  # a real random sequence, not one token over and over
 
 
 @pytest.mark.parametrize("k", [0, 4])

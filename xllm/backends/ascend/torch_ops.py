@@ -7,8 +7,9 @@ so the same code runs on the NPU and is unit-tested on the CPU here:
   actual-length lists are host values baked into an ACL graph at capture; this path reads
   ``seq_lens`` / ``query_start_loc`` as device tensors, so a captured graph stays correct.
 - `rotary_cos_sin`: the per-token cos/sin tensors `npu_rotary_mul` multiplies by.
-- `processed_logits` / `sample`: logits processing and inverse-CDF sampling with torch ops on the
-  device (torch_npu has no fused op with the HAL's penalty/top-k/top-p/min-p semantics).
+- `processed_logits` / `sample`: the HAL's reference logits processing and inverse-CDF sampling
+  (`xllm.hal.sampling_ops`) run on the device with the plan's host-drawn uniforms (torch_npu has
+  no fused op with the HAL's penalty/top-k/top-p/min-p semantics).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from xllm.backends.ascend.translation import SamplingPlan
-from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, mask_banned_tokens
+from xllm.hal import sampling_ops
+from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 
 # ---------------------------------------------------------------------------- rotary
 
@@ -141,100 +143,14 @@ def paged_attention(
 # ---------------------------------------------------------------------------- sampling
 
 
-def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] occurrence counts; the padding id vocab_size lands in a spare column, dropped."""
-    ids = token_ids.to(torch.int64).clamp(0, vocab_size)
-    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
-    return counts[:, :vocab_size]
-
-
-def _apply_penalties(logits: torch.Tensor, sm: SamplingMetadata) -> None:
-    rows, vocab_size = logits.shape
-    empty = torch.full((rows, 1), vocab_size, dtype=torch.int64, device=logits.device)
-    out_ids = sm.output_token_ids if sm.output_token_ids is not None else empty
-    prompt_ids = sm.prompt_token_ids if sm.prompt_token_ids is not None else empty
-    output_counts = _token_counts(out_ids.to(logits.device), vocab_size)
-    prompt_counts = _token_counts(prompt_ids.to(logits.device), vocab_size)
-    # Repetition (CTRL / HF): seen tokens' positive logits are divided, negative ones multiplied.
-    seen = (output_counts > 0) | (prompt_counts > 0)
-    rep = sm.repetition_penalty.to(logits.device, torch.float32).unsqueeze(1)
-    logits.copy_(torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits))
-    # Presence / frequency (OpenAI, vLLM): output tokens only.
-    freq = sm.frequency_penalty.to(logits.device, torch.float32).unsqueeze(1)
-    pres = sm.presence_penalty.to(logits.device, torch.float32).unsqueeze(1)
-    logits -= freq * output_counts + pres * (output_counts > 0)
-
-
 def processed_logits(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> torch.Tensor:
-    """penalties -> temperature -> top-k -> top-p -> min-p, float32, removed tokens -inf."""
-    out = logits.to(torch.float32, copy=True)
-    device = out.device
-    vocab_size = out.shape[1]
-    mask_banned_tokens(out, sm)
-    if plan.apply_penalties:
-        _apply_penalties(out, sm)
-    if not plan.apply_temperature:
-        return out
-    temperature = sm.temperature.to(device, torch.float32)
-    greedy = temperature <= 0
-    # Greedy rows keep their penalised logits: divide by 1 and switch their filters off.
-    out /= torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
-    if plan.apply_top_k or plan.apply_top_p:
-        sorted_logits, order = out.sort(dim=-1, descending=False)
-        if plan.apply_top_k:
-            top_k = sm.top_k.to(device, torch.int64)
-            k = torch.where((top_k > 0) & ~greedy, top_k.clamp(max=vocab_size), vocab_size)
-            kth = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))
-            sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))  # ties with the k-th stay (HF)
-        if plan.apply_top_p:
-            top_p = torch.where(greedy, torch.ones_like(temperature), sm.top_p.to(device, torch.float32))
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop = (cum <= (1.0 - top_p).unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-            drop[:, -1] = False  # the most likely token always survives
-            sorted_logits.masked_fill_(drop, float("-inf"))
-        out = torch.empty_like(out).scatter_(1, order, sorted_logits)
-    if plan.apply_min_p:
-        min_p = torch.where(
-            greedy, torch.zeros_like(temperature), sm.min_p.to(device, torch.float32)
-        ).unsqueeze(1)
-        probs = out.softmax(dim=-1)
-        out.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
-    return out
-
-
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Token j of each row with ``cdf[j-1] <= u * total < cdf[j]``: an exact draw from probs.
-
-    A zero-probability token repeats the previous cdf value, so it is never the first entry above
-    the target. float64 accumulation, as the CPU reference does, so both pick the same token.
-    """
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
-    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return tokens.clamp_(max=probs.shape[1] - 1)
+    """The HAL's reference processing, run with torch ops on the NPU (the plan's switches are the
+    metadata's host summaries, which the reference reads itself)."""
+    return sampling_ops.processed_logits(logits, sm)
 
 
 def sample(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> SampleOutput:
-    if not plan.apply_penalties and not plan.random_rows and not plan.apply_temperature and sm.banned is None:
-        tokens = logits.argmax(dim=-1)
-    else:
-        processed = processed_logits(logits, sm, plan)
-        tokens = processed.argmax(dim=-1)
-        if plan.random_rows:
-            rows = torch.tensor(plan.random_rows, dtype=torch.int64).to(logits.device, non_blocking=True)
-            uniforms = torch.tensor(plan.uniforms, dtype=torch.float64).to(logits.device, non_blocking=True)
-            probs = processed.index_select(0, rows).softmax(dim=-1)
-            tokens[rows] = inverse_cdf(probs, uniforms)
-    tokens = tokens.to(torch.int64)
-    if plan.num_logprobs < 0:
-        return SampleOutput(sampled_token_ids=tokens)
-    logprobs = logits.to(torch.float32).log_softmax(dim=-1)  # raw logits, as OpenAI/vLLM report
-    sampled = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    top_values, top_ids = logprobs.topk(plan.num_logprobs, dim=-1, largest=True, sorted=True)
-    return SampleOutput(
-        sampled_token_ids=tokens,
-        sampled_logprobs=sampled,
-        top_logprobs=top_values,
-        top_token_ids=top_ids.to(torch.int64),
-    )
+    """The HAL's reference sampling on the NPU, with the plan's host-drawn uniforms: one float per
+    random row crosses to the device and the inverse CDF picks the CPU reference's token."""
+    uniforms = torch.tensor(plan.uniforms, dtype=torch.float64)
+    return sampling_ops.sample(logits, sm, sampling_ops.RandomDraws(plan.random_rows, uniforms))

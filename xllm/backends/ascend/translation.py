@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xllm.hal.sampling_ops import row_seed, row_uniforms
+
 # FIA's "no limit" value for pre_tokens / next_tokens (INT32_MAX), as in the operator signature.
 FIA_NO_LIMIT = 2147483647
 # Side of the compressed causal mask that sparse modes 2/3/4 take (the operator expands it).
@@ -198,7 +200,8 @@ def blocks_touched(seq_len: int, block_size: int, block_row: Sequence[int] | tor
 
 @dataclass(frozen=True, slots=True)
 class CacheWritePlan:
-    """How to call `_npu_reshape_and_cache`, which has no documented skip for negative slots."""
+    """Which rows a cache write keeps: the host statement of the rule that
+    `op_mapping.reshape_and_cache` applies on the device (kept for tests and porting notes)."""
 
     all_valid: bool  # every slot >= 0: pass the batch as is
     valid_rows: list[int]  # otherwise: write only these token rows
@@ -221,37 +224,6 @@ def cache_write_plan(slot_mapping: Sequence[int] | torch.Tensor, num_slots: int)
 
 # ---------------------------------------------------------------------------- sampling
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def row_seed(seed: int, step: int) -> int:
-    """64-bit generator seed of one row from (request seed, tokens sampled so far).
-
-    The same mixing as the CPU reference (SplitMix64 of the seed, xor the step, SplitMix64 again),
-    so a request's generator is seeded identically on every backend.
-    """
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
-
-
-def row_uniform(seed64: int) -> float:
-    """The row's one U[0, 1) draw, from a host torch.Generator seeded with `row_seed`.
-
-    Drawn on the host, exactly as the CPU reference draws it, and fed to an inverse-CDF lookup on
-    the NPU: one float per row crosses to the device, the NPU's own RNG is never used, and a
-    seeded request samples the same token on the NPU as on the CPU reference whenever the two
-    backends' probabilities agree to the draw's resolution.
-    """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed64)
-    return float(torch.rand((), dtype=torch.float64, generator=gen))
-
 
 @dataclass(frozen=True, slots=True)
 class SamplingPlan:
@@ -264,7 +236,9 @@ class SamplingPlan:
     apply_min_p: bool
     random_rows: list[int]  # rows drawn with a seeded generator (temperature > 0)
     row_seeds: list[int]  # one generator seed per random row, from row_seed(seed, step)
-    uniforms: list[float]  # one U[0, 1) draw per random row (see row_uniform)
+    # One U[0, 1) draw per random row, drawn on the host as every backend draws it (the HAL's
+    # row_uniforms): one float per row crosses to the NPU and the NPU's own RNG is never used.
+    uniforms: list[float]
     num_logprobs: int  # -1: none; else the number of top logprobs per row (clamped to vocab)
 
 
@@ -287,6 +261,7 @@ def sampling_plan(
     seed_list, step_list = _as_list(seeds), _as_list(steps)
     rows = [] if all_greedy else [i for i, t in enumerate(temps) if t > 0]
     seeds_ = [row_seed(seed_list[i], step_list[i]) for i in rows]
+    uniforms = row_uniforms([seed_list[i] for i in rows], [step_list[i] for i in rows])
     return SamplingPlan(
         apply_penalties=not no_penalties,
         apply_temperature=not all_greedy,
@@ -295,6 +270,6 @@ def sampling_plan(
         apply_min_p=not all_greedy and not no_min_p,
         random_rows=rows,
         row_seeds=seeds_,
-        uniforms=[row_uniform(s) for s in seeds_],
+        uniforms=uniforms.tolist(),
         num_logprobs=-1 if max_num_logprobs < 0 else min(max_num_logprobs, vocab_size),
     )

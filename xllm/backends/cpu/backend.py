@@ -1,9 +1,10 @@
 """`CpuBackend`: the reference implementation of the HAL contract, and the CPU runtime.
 
-Every op is plain float32 torch (see ops.py, attention.py, sampling.py), which makes it the
-oracle the accelerator backends are checked against by the conformance suite; it is also what the
-engine runs on machines without an accelerator. Graphs replay eagerly, streams are synchronous,
-xTensor pages are real mmap pages and collectives go over gloo.
+Every op is plain float32 torch (see ops.py, attention.py, and the HAL's `sampling_ops`, whose
+reference sampling it runs as is), which makes it the oracle the accelerator backends are checked
+against by the conformance suite; it is also what the engine runs on machines without an
+accelerator. Graphs replay eagerly, streams are the HAL's synchronous ones, xTensor pages are
+real mmap pages and collectives go over gloo.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ from typing import ClassVar
 import torch
 
 from xllm.backends.cpu import attention, linear, ops
-from xllm.backends.cpu import sampling as cpu_sampling  # the contract names a parameter `sampling`
 from xllm.backends.cpu.comm import GlooCommunicator
 from xllm.backends.cpu.graphs import CpuGraphRunner
-from xllm.backends.cpu.streams import CpuEvent, CpuStream
 from xllm.backends.cpu.xtensor import CpuXTensor
+from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
 from xllm.hal.comm import Communicator
 from xllm.hal.graphs import GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
-from xllm.hal.streams import Event, Stream
+from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
 
 # ISA flags (as /proc/cpuinfo names them) that give bfloat16 / float16 arithmetic in hardware:
 # x86 AVX512-BF16 or AMX-BF16, AVX512-FP16 or AMX-FP16; Arm's BF16 and half-precision SIMD.
@@ -97,7 +97,7 @@ class CpuBackend(Backend):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._stream_stack = threading.local()
-        self._default_stream = CpuStream(self._stream_stack)
+        self._default_stream = SyncStream(self._stream_stack)
 
     # ------------------------------------------------------------------ identity
 
@@ -161,10 +161,10 @@ class CpuBackend(Backend):
         return attention.paged_attention(q, k_cache, v_cache, metadata)
 
     def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
-        return cpu_sampling.processed_logits(logits, sampling)
+        return sampling_ops.processed_logits(logits, sampling)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SampleOutput:
-        return cpu_sampling.sample(logits, sampling)
+        return sampling_ops.sample(logits, sampling)
 
     # ------------------------------------------------------------------ memory
 
@@ -189,10 +189,10 @@ class CpuBackend(Backend):
     # ------------------------------------------------------------------ streams
 
     def create_stream(self, device_index: int = 0) -> Stream:
-        return CpuStream(self._stream_stack)
+        return SyncStream(self._stream_stack)
 
     def create_event(self, enable_timing: bool = False) -> Event:
-        return CpuEvent(enable_timing)
+        return SyncEvent(enable_timing)
 
     def current_stream(self, device_index: int = 0) -> Stream:
         streams = getattr(self._stream_stack, "streams", None)

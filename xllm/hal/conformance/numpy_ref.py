@@ -4,8 +4,10 @@ The CPU backend defines xllm's numerics and every accelerator is compared agains
 checks the CPU backend itself. Each op is written again from the math in the `Backend` docstrings
 and `AttentionMetadata` / `SamplingMetadata`, in float64 with plain NumPy and explicit loops over
 sequences and tokens, so a reader can check it line by line. Torch appears only to convert
-tensors in and out (and to round a float64 value to a torch dtype where the contract says a
-value is formed in the input dtype, e.g. the residual sum of `rms_norm`).
+tensors in and out, to round a float64 value to a torch dtype where the contract says a value is
+formed in the input dtype (e.g. the residual sum of `rms_norm`), and to draw the per-row uniforms
+of `sample`: that random stream (`xllm.hal.sampling_ops.row_uniforms`) is part of the contract's
+definition, not arithmetic under test.
 
 Outputs are float64 tensors (token ids int64): the error the suite measures is then the backend's
 own rounding, not the oracle's. `NumpyReference` has the public op names of `xllm.hal.Backend`,
@@ -23,6 +25,7 @@ import torch
 from xllm.hal.backend import FLOAT_DTYPES, Capabilities
 from xllm.hal.errors import NotSupportedError
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
+from xllm.hal.sampling_ops import row_uniforms
 
 _erf = np.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; math.erf per element is exact enough
 
@@ -224,11 +227,8 @@ class NumpyReference:
             if temperature[i] <= 0:
                 tokens[i] = int(np.argmax(processed[i]))
             else:
-                # Seeded per (seed, step) like the contract asks, but with NumPy's generator: the
-                # draw is reproducible here and not comparable across implementations, which is why
-                # the suite compares only the processed distribution of random rows.
-                rng = np.random.default_rng([int(seeds[i]) & (2**63 - 1), int(steps[i])])
-                tokens[i] = int(rng.choice(raw.shape[1], p=softmax(processed[i])))
+                u = float(row_uniforms([int(seeds[i])], [int(steps[i])])[0])
+                tokens[i] = draw_token(softmax(processed[i]), u)
         if sampling.max_num_logprobs < 0:
             return SampleOutput(sampled_token_ids=_out(tokens))
         k = min(sampling.max_num_logprobs, raw.shape[1])
@@ -254,9 +254,24 @@ class NumpyReference:
 
 
 # float32 cumulative sums over a ~1k vocabulary drift by ~1e-6, and probabilities carry ~1e-6
-# relative error; these are 10x that (see `process_logits`).
+# relative error; these are 10x that (see `process_logits` and `draw_margin`).
 TOP_P_SAFE_ABS = 1e-5
 MIN_P_SAFE_REL = 1e-4
+DRAW_SAFE_ABS = 1e-5
+
+
+def draw_token(probs: np.ndarray, u: float) -> int:
+    """The contract's draw: the first token whose cumulative probability exceeds ``u * total``
+    (a zero-probability token never does, since it repeats the previous sum)."""
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(probs) - 1)
+
+
+def draw_margin(probs: np.ndarray, u: float) -> float:
+    """How far ``u * total`` sits from the nearest cumulative-probability boundary, as a multiple
+    of `DRAW_SAFE_ABS`: below 1, float32 rounding could move the draw to a neighbouring token."""
+    cdf = np.cumsum(probs)
+    return float(np.min(np.abs(cdf - u * cdf[-1]))) / DRAW_SAFE_ABS
 
 
 def process_logits(

@@ -18,8 +18,9 @@ from xllm.hal.conformance import inputs as gen_inputs
 from xllm.hal.conformance.cases import DTYPES, Case, make_case, register_kind
 from xllm.hal.conformance.compare import Checker
 from xllm.hal.conformance.inputs import generator, randn, to_device
-from xllm.hal.conformance.numpy_ref import log_softmax, process_logits, to_numpy
+from xllm.hal.conformance.numpy_ref import draw_margin, log_softmax, process_logits, softmax, to_numpy
 from xllm.hal.metadata import SamplingMetadata
+from xllm.hal.sampling_ops import row_uniforms
 
 
 def _both(backend: Any, reference: Any, call: Callable[[Any, Any], Any], inputs: Any) -> tuple[Any, Any]:
@@ -362,12 +363,15 @@ _MIXES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _sampling_inputs(case: Case, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def _sampling_inputs(
+    case: Case, rows: list[dict[str, Any]], draws: bool = False
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Logits in the case dtype and complete per-row settings (histories, seeds, steps).
 
-    Seeds are retried until no token sits near a top-p or min-p cut (see `process_logits`) and
-    every greedy row's winner leads by 1e-4 relative: there float32 and float64 could
-    legitimately disagree, and the suite must not blame a backend for a coin toss.
+    Seeds are retried until no token sits near a top-p or min-p cut (see `process_logits`),
+    every greedy row's winner leads by 1e-4 relative and, with `draws`, every random row's draw
+    target sits clear of its cumulative-probability boundaries (`draw_margin`): there float32 and
+    float64 could legitimately disagree, and the suite must not blame a backend for a coin toss.
     """
     seed = case.seed
     for _attempt in range(200):
@@ -388,6 +392,9 @@ def _sampling_inputs(case: Case, rows: list[dict[str, Any]]) -> tuple[torch.Tens
             if r["temperature"] == 0.0:
                 top2 = np.sort(x)[-2:]
                 margins.append(float((top2[1] - top2[0]) / max(abs(top2[1]), 1e-9)) / 1e-4)
+            elif draws:
+                u = float(row_uniforms([r["seed"]], [r["step"]])[0])
+                margins.append(draw_margin(softmax(x), u))
         if not margins or min(margins) > 1.0:
             return logits, full
         seed += 7919
@@ -455,7 +462,9 @@ def _build_sample() -> list[Case]:
 
 
 def _check_sample(case: Case, backend: Any, reference: Any, chk: Checker) -> None:
-    logits, rows = _sampling_inputs(case, _MIXES[case.label])
+    # float32 cases compare random rows' tokens too, so their seeds also avoid near-boundary draws.
+    exact_draws = case.dtype == torch.float32
+    logits, rows = _sampling_inputs(case, _MIXES[case.label], draws=exact_draws)
     k = case.p["logprobs"]
     data = {"logits": logits, "md": _metadata(rows, k)}
     (out, _), (ref, _) = _both(backend, reference, lambda side, d: side.sample(d["logits"], d["md"]), data)
@@ -475,8 +484,13 @@ def _check_sample(case: Case, backend: Any, reference: Any, chk: Checker) -> Non
     chk.close("sampled_logprobs", out.sampled_logprobs, want)
     if bool(greedy.all()):
         return
-    # Random rows: the draw is the backend's own, so check what the contract promises of it.
+    # Random rows: one host uniform per row from row_seed(seed, step) and the inverse CDF
+    # (`xllm.hal.sampling_ops`), so on float32 the same seed draws the reference's very token.
     random_rows = (~greedy).nonzero().flatten().tolist()
+    if exact_draws:
+        chk.exact(
+            "seeded random tokens == reference", tokens[~greedy], ref.sampled_token_ids.to("cpu")[~greedy]
+        )
     processed = to_numpy(
         reference.processed_logits(*to_device((logits, _metadata(rows)), reference.device()))
     )
@@ -535,5 +549,8 @@ register_kind(
     description="penalties, temperature, top-k, top-p, min-p",
 )
 register_kind(
-    "sample", _build_sample, _check_sample, description="greedy tokens, logprobs, seeded reproducibility"
+    "sample",
+    _build_sample,
+    _check_sample,
+    description="greedy tokens, logprobs, seeded draws (the reference's tokens on float32)",
 )
