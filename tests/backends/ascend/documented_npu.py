@@ -16,8 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xllm.backends.ascend import torch_ops
-
 
 class DocumentedNpu(SimpleNamespace):
     def __init__(self) -> None:
@@ -46,12 +44,24 @@ class DocumentedNpu(SimpleNamespace):
         self.calls.pop()
         return y, rstd, x
 
-    # npu_rotary_mul(input, r1, r2, rotary_mode='half'): 4-D input, r1/r2 broadcastable
+    # npu_rotary_mul(input, r1, r2, rotary_mode='half'): 4-D input, r1/r2 broadcastable.
+    # The reference's formula, written out here rather than taken from the backend's torch_ops, so
+    # that a wrong convention shared by the backend and its helpers shows up as a wrong result:
+    #   half:       x1, x2 = chunk(x, 2, -1);      x_new = cat((-x2, x1), -1)
+    #   interleave: x1, x2 = x[..., ::2], x[..., 1::2]
+    #               x_new = rearrange(stack((-x2, x1), -1), "... d two -> ... (d two)")
+    #   output = r1 * x + r2 * x_new
     def npu_rotary_mul(self, x, r1, r2, rotary_mode="half"):
         self._record("npu_rotary_mul", x=x, r1=r1, r2=r2, rotary_mode=rotary_mode)
         assert x.dim() == 4 and r1.dim() == 4 and r2.dim() == 4
         assert rotary_mode in ("half", "interleave")
-        return torch_ops.rotary_mul(x, r1, r2, rotary_mode == "half")
+        if rotary_mode == "half":
+            x1, x2 = torch.chunk(x, 2, -1)
+            x_new = torch.cat((-x2, x1), dim=-1)
+        else:
+            x1, x2 = x[..., ::2], x[..., 1::2]
+            x_new = torch.stack((-x2, x1), dim=-1).reshape(x.shape)  # "... d two -> ... (d two)"
+        return r1 * x + r2 * x_new
 
     # npu_swiglu(x, dim=-1) = silu(first half) * second half
     def npu_swiglu(self, x, dim=-1):

@@ -71,7 +71,6 @@ def main() -> None:
                 SLIDING=sliding,
                 UPCAST=False,
                 IEEE=dtype == torch.float32,
-                CAUSAL_BORDER_BUG=False,
             )
             compile_one(
                 target, attention.paged_attention_kernel, att_types, consts, max_shared, num_stages=stages

@@ -1,8 +1,8 @@
 """Fixtures for the CUDA backend tests.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors: the ``backend``
-fixture is ``CudaBackend(interpret=True)``, which sets ``TRITON_INTERPRET=1`` before the kernels
-are imported. Tests marked ``gpu`` use the real device and are skipped where there is none.
+fixture is ``get_backend("cuda", interpret=True)``, a `CudaInterpretBackend`, which sets
+``TRITON_INTERPRET=1`` before the kernels are imported. Tests marked ``gpu`` use the real device and are skipped where there is none.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """The unified paged-attention kernel (and its split-KV decode path), interpreted on CPU tensors.
 
-Checked against a direct torch computation over the gathered context, on batches that stress
-what the conformance cases do not: many query blocks per sequence (the binary search that maps
-programs to sequences), GQA groups that are not powers of two, head_dim 80, block sizes that
-are not powers of two, and the split-KV path forced on small shapes. The last tests prove that
-the conformance suite catches a kernel whose causal mask is off by one at block borders.
+Checked against a direct float64 torch computation over the gathered context and against the
+CPU reference backend, on batches that stress what the conformance cases do not: many query
+blocks per sequence (the binary search that maps programs to sequences), GQA groups that are not
+powers of two, head_dim 80, block sizes that are not powers of two, and the split-KV path forced
+on small shapes. The last tests prove that the conformance suite catches a kernel whose causal
+mask is off by one at block borders: a copy of the kernel module with that bug, made here from
+its source, so the production kernel carries no switch for it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import math
 
 import pytest
@@ -76,7 +80,9 @@ def _reference(q, kc, vc, md):
     return out
 
 
-def _check(backend, q, k, kc, vc, md, dtype, cpu=None, **kw):
+def _check(backend, cpu, q, k, kc, vc, md, dtype, **kw):
+    """The kernel (through the backend, or launched directly with `kw`) against the float64
+    reference and against the CPU reference backend on the same batch."""
     if kw:
         from xllm.backends.cuda.kernels.attention import paged_attention
 
@@ -100,8 +106,7 @@ def _check(backend, q, k, kc, vc, md, dtype, cpu=None, **kw):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-    if cpu is not None:  # and the CPU reference backend agrees on the same batch
-        torch.testing.assert_close(got, cpu.attention(q, k, k, kc, vc, md), rtol=tol, atol=tol)
+    torch.testing.assert_close(got, cpu.attention(q, k, k, kc, vc, md), rtol=tol, atol=tol)
     return got
 
 
@@ -109,7 +114,7 @@ def _check(backend, q, k, kc, vc, md, dtype, cpu=None, **kw):
 def test_mixed_batch_many_query_blocks_gqa3_head80(backend, cpu, dtype):
     # 40- and 23-token chunks span many 4-token query blocks (group 3 -> BLOCK_Q 5 of 16 rows).
     seqs = [(0, 40), (5, 1), (9, 23), (31, 1), (16, 2)]
-    _check(backend, *_batch(seqs, hq=6, hkv=2, d=80, bs=16, dtype=dtype), dtype, cpu=cpu)
+    _check(backend, cpu, *_batch(seqs, hq=6, hkv=2, d=80, bs=16, dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("window", [None, 7])
@@ -117,18 +122,19 @@ def test_mqa_odd_block_size_sliding_window(backend, cpu, window):
     seqs = [(0, 19), (30, 1), (11, 13)]
     _check(
         backend,
+        cpu,
         *_batch(seqs, hq=8, hkv=1, d=32, bs=12, dtype=torch.float16, window=window, seed=1),
         torch.float16,
     )
 
 
 @pytest.mark.parametrize("window", [None, 50])
-def test_split_kv_decode_matches_single_pass(backend, window):
+def test_split_kv_decode_matches_single_pass(backend, cpu, window):
     # Long decode contexts, forced into 3 splits (one of them partly empty for the short one).
     seqs = [(190, 1), (37, 1), (120, 1)]
     batch = _batch(seqs, hq=4, hkv=2, d=32, bs=16, dtype=torch.float32, window=window, seed=2)
-    split = _check(backend, *batch, torch.float32, num_splits=3)
-    single = _check(backend, *batch, torch.float32, num_splits=1)
+    split = _check(backend, cpu, *batch, torch.float32, num_splits=3)
+    single = _check(backend, cpu, *batch, torch.float32, num_splits=1)
     torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-6)
 
 
@@ -153,7 +159,7 @@ def test_backend_splits_a_long_decode_on_its_own(backend, cpu):
 
     batch = _batch([(599, 1)], hq=4, hkv=2, d=16, bs=16, dtype=torch.float32, seed=5)
     assert choose_num_splits(1, 2, 1, 600, backend._sm_count(torch.device("cpu"))) > 1
-    _check(backend, *batch, torch.float32, cpu=cpu)
+    _check(backend, cpu, *batch, torch.float32)
 
 
 def test_split_heuristic():
@@ -192,6 +198,35 @@ def test_graph_padding_rows_are_harmless(backend):
 
 # ---------------------------------------------------------------------------------- broken kernel
 
+# A plausible off-by-one, made from the production kernel's source: a query also sees the next key
+# when that key opens a new cache block, and the key loop's bound reaches one key further so the
+# last query of a block can see it. Each line to replace must occur once in kernels/attention.py.
+BORDER_BUG_EDITS = (
+    ("hi = ctx_len + last_q + 1", "hi = tl.minimum(ctx_len + last_q + 2, seq_len)"),
+    (
+        "visible = k_pos[None, :] <= q_pos[:, None]",
+        "visible = (k_pos[None, :] <= q_pos[:, None]) | ((k_pos[None, :] == q_pos[:, None] + 1)"
+        " & (k_pos[None, :] % block_size == 0) & (k_pos[None, :] < seq_len))",
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def border_bug_attention(backend, tmp_path_factory):
+    """`kernels/attention.py` with the bug above, imported from a file as a module of its own."""
+    from xllm.backends.cuda.kernels import attention
+
+    source = inspect.getsource(attention)
+    for line, bug in BORDER_BUG_EDITS:
+        assert source.count(line) == 1, f"kernels/attention.py no longer has {line!r}: update this test"
+        source = source.replace(line, bug)
+    path = tmp_path_factory.mktemp("kernels") / "attention_border_bug.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("attention_border_bug", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 @pytest.fixture(scope="module")
 def border_cases():
@@ -203,14 +238,16 @@ def border_cases():
     return cases
 
 
-def test_conformance_catches_off_by_one_causal_mask(backend, cpu, border_cases):
-    from xllm.backends.cuda.backend import CudaBackend
+def test_conformance_catches_off_by_one_causal_mask(backend, cpu, border_cases, border_bug_attention):
+    from xllm.backends.cuda.interpret import CudaInterpretBackend
     from xllm.hal.conformance import Status, run_suite
 
-    class BrokenCausalMask(CudaBackend):
-        _attention_causal_border_bug = True
+    class BrokenCausalMask(CudaInterpretBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self._k_attention = border_bug_attention  # the backend's own _attention launches it
 
-    broken = run_suite(BrokenCausalMask(interpret=True), cpu, border_cases)
+    broken = run_suite(BrokenCausalMask(), cpu, border_cases)
     assert not broken.ok
     failed = broken.failed()
     assert all(r.status is Status.FAIL and "NMSE" in r.detail for r in failed)

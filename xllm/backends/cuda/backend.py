@@ -1,31 +1,29 @@
 """`CudaBackend`: the HAL contract on NVIDIA GPUs.
 
-Ops are Triton kernels (`kernels/`), sampling is batched torch (`sampling.py`), decode graphs are
+Ops are Triton kernels (`kernels/`), sampling is the HAL's `sampling_ops` on the GPU, decode graphs are
 `torch.cuda.CUDAGraph` (`graphs.py`), xTensor uses the CUDA virtual memory API through cuda-python
 (`memory.py`), streams/events are torch.cuda's, and the communicator is torch.distributed over
 NCCL. Importing this module imports neither triton nor cuda-python: `xllm backends` probes it on
 machines that have neither.
 
-``CudaBackend(interpret=True)`` runs the very same Triton kernels in Triton's interpreter on host
-tensors (``TRITON_INTERPRET=1``). That is how the kernels are tested and checked by the
-conformance suite on machines without a GPU; graphs, virtual memory and NCCL are then unavailable
-and the capabilities say so.
+``CudaBackend(interpret=True)`` builds `CudaInterpretBackend` (`interpret.py`), a subclass that
+runs the very same Triton kernels in Triton's interpreter on host tensors (``TRITON_INTERPRET=1``):
+that is how the kernels are tested and checked by the conformance suite on machines without a
+GPU. This class is the GPU; `_mode_class` is the one place that chooses between the two.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
 from xllm.backends.cuda import runtime
-from xllm.backends.cuda import sampling as sampler
 from xllm.backends.cuda.comm import TorchDistCommunicator
 from xllm.backends.cuda.faults import is_fatal_cuda_error
-from xllm.backends.cuda.graphs import CudaGraphRunner, EagerGraphRunner
-from xllm.backends.cuda.streams import CudaEvent, CudaStream, HostEvent, HostStream
+from xllm.backends.cuda.graphs import CudaGraphRunner
+from xllm.backends.cuda.streams import CudaEvent, CudaStream
 from xllm.hal import (
     FLOAT_DTYPES,
     AttentionMetadata,
@@ -42,15 +40,7 @@ from xllm.hal import (
     Stream,
     XTensor,
 )
-
-_INTERPRET_CAPABILITIES = Capabilities(
-    dtypes=FLOAT_DTYPES,
-    shares_host_memory=True,  # the interpreter's tensors are host tensors
-    graph_capture=False,
-    virtual_memory=False,
-    collective_backend="gloo",
-    notes=("Triton interpreter on the host: kernels are exact but slow; no graphs, VMM or NCCL",),
-)
+from xllm.hal import sampling_ops as sampler
 
 
 class CudaBackend(Backend):
@@ -62,18 +52,17 @@ class CudaBackend(Backend):
         virtual_memory=True,
         collective_backend="nccl",
     )
-    # Test hook: launch the attention kernel with a deliberately wrong causal mask (see
-    # kernels/attention.py). A subclass that sets it must be caught by the conformance suite.
-    _attention_causal_border_bug: ClassVar[bool] = False
+    # Whether the kernels are launched for Triton's interpreter (their bf16 rounding and dot
+    # workarounds); CudaInterpretBackend sets it.
+    interpret_kernels: ClassVar[bool] = False
 
-    def __init__(self, interpret: bool = False) -> None:
-        self.interpret = bool(interpret)
-        if self.interpret:
-            # Sets TRITON_INTERPRET=1 in os.environ before the kernels are imported (triton reads
-            # it then); a no-op if the caller already set it.
-            reason = runtime.enable_interpreter()
-            if reason is not None:
-                raise RuntimeError(f"cuda backend cannot interpret its kernels: {reason}")
+    def __new__(cls, interpret: bool = False) -> CudaBackend:
+        # So that CudaBackend(interpret=True), and with it get_backend("cuda", interpret=True) and
+        # `xllm conformance --interpret`, build the interpreter subclass (as pathlib.Path() builds
+        # a PosixPath); the registry and its callers stay unaware of the modes.
+        return super().__new__(cls._mode_class(interpret))
+
+    def __init__(self, interpret: bool = False) -> None:  # `interpret` chose the class in __new__
         # Imported here, not at module top: triton must not be imported by merely listing backends.
         from xllm.backends.cuda.kernels import activation, attention, cache, rms_norm, rotary
 
@@ -87,15 +76,34 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ identity
 
     @classmethod
+    def _mode_class(cls, interpret: bool) -> type[CudaBackend]:
+        """The class that runs the kernels as asked: the one place interpret mode is chosen."""
+        if not interpret or cls.interpret_kernels:
+            return cls
+        if cls is not CudaBackend:  # silently dropping a subclass's overrides would be worse
+            raise TypeError(
+                f"{cls.__name__} launches compiled kernels; derive it from CudaInterpretBackend "
+                "(xllm.backends.cuda.interpret) to run them in the interpreter"
+            )
+        from xllm.backends.cuda.interpret import CudaInterpretBackend
+
+        return CudaInterpretBackend
+
+    @classmethod
     def probe(cls, **options: object) -> str | None:
         # The one option: interpret=True runs the kernels in Triton's interpreter (no GPU needed).
         interpret = bool(options.pop("interpret", False))
         if options:
             return f"unknown options {sorted(options)} (cuda takes 'interpret')"
-        if interpret:
-            # Side effect: sets TRITON_INTERPRET=1 in os.environ if unset, because triton decides
-            # interpreted vs compiled when the kernels are defined, which must come after this.
-            return runtime.enable_interpreter()
+        try:
+            mode = cls._mode_class(interpret)
+        except TypeError as exc:
+            return str(exc)
+        return mode._probe_mode()
+
+    @classmethod
+    def _probe_mode(cls) -> str | None:
+        """`probe` for this class's mode, once `probe` has read the options."""
         if not torch.backends.cuda.is_built() or torch.version.cuda is None:
             return "torch was built without CUDA"
         try:
@@ -116,16 +124,7 @@ class CudaBackend(Backend):
         except Exception:
             return 0
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return _INTERPRET_CAPABILITIES if self.interpret else self.CAPABILITIES
-
-    def device(self, index: int = 0) -> torch.device:
-        return torch.device("cpu") if self.interpret else torch.device("cuda", index)
-
     def _sm_count(self, device: torch.device) -> int:
-        if self.interpret or device.type != "cuda":
-            return 8  # arbitrary but fixed, so interpreted runs take the same split decisions
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._num_sms:
             self._num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -136,7 +135,7 @@ class CudaBackend(Backend):
     def _rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self._k_rms_norm.rms_norm(x, weight, eps, residual, interpret=self.interpret)
+        return self._k_rms_norm.rms_norm(x, weight, eps, residual, interpret=self.interpret_kernels)
 
     def _rotary_embedding(
         self,
@@ -147,14 +146,14 @@ class CudaBackend(Backend):
         neox_style: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k_rotary.rotary_embedding(
-            positions, q, k, cos_sin_cache, neox_style, interpret=self.interpret
+            positions, q, k, cos_sin_cache, neox_style, interpret=self.interpret_kernels
         )
 
     def _silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._k_activation.silu_and_mul(x, interpret=self.interpret)
+        return self._k_activation.silu_and_mul(x, interpret=self.interpret_kernels)
 
     def _gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        return self._k_activation.gelu_and_mul(x, approximate, interpret=self.interpret)
+        return self._k_activation.gelu_and_mul(x, approximate, interpret=self.interpret_kernels)
 
     def _reshape_and_cache(
         self,
@@ -187,9 +186,8 @@ class CudaBackend(Backend):
             md.max_seq_len,
             md.scale,
             md.sliding_window,
-            interpret=self.interpret,
+            interpret=self.interpret_kernels,
             num_sms=self._sm_count(q.device),
-            causal_border_bug=self._attention_causal_border_bug,
         )
 
     def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
@@ -201,15 +199,10 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ memory
 
     def _mem_info(self, device_index: int) -> MemInfo:
-        if self.interpret:
-            page = os.sysconf("SC_PAGE_SIZE")
-            return MemInfo(os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page)
         free, total = torch.cuda.mem_get_info(device_index)
         return MemInfo(int(free), int(total))
 
     def _create_xtensor(self, num_pages: int, page_size_bytes: int | None, device_index: int) -> XTensor:
-        if self.interpret:
-            raise NotSupportedError("cuda backend in interpret mode has no virtual-memory xTensor support")
         try:
             from xllm.backends.cuda.memory import CudaXTensor, load_driver
 
@@ -230,33 +223,25 @@ class CudaBackend(Backend):
         max_batch_size: int | None,
         device_index: int,
     ) -> GraphRunner:
-        runner: type[GraphRunner] = EagerGraphRunner if self.interpret else CudaGraphRunner
-        return runner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
+        return CudaGraphRunner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
 
     # ------------------------------------------------------------------ streams
 
     def create_stream(self, device_index: int = 0) -> Stream:
-        if self.interpret:
-            return HostStream()
         return CudaStream(torch.cuda.Stream(device=self.device(device_index)))
 
     def create_event(self, enable_timing: bool = False) -> Event:
-        return HostEvent(enable_timing) if self.interpret else CudaEvent(enable_timing)
+        return CudaEvent(enable_timing)
 
     def current_stream(self, device_index: int = 0) -> Stream:
-        if self.interpret:
-            return HostStream()
         return CudaStream(torch.cuda.current_stream(self.device(device_index)))
 
     def synchronize(self, device_index: int = 0) -> None:
-        if not self.interpret:
-            torch.cuda.synchronize(self.device(device_index))
+        torch.cuda.synchronize(self.device(device_index))
 
     # ------------------------------------------------------------------ comm
 
     def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        if self.interpret:
-            return TorchDistCommunicator(rank, world_size, init_method, "gloo", torch.device("cpu"))
         # One GPU per rank, the usual tensor-parallel layout within a node.
         device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         return TorchDistCommunicator(rank, world_size, init_method, "nccl", device)

@@ -83,7 +83,6 @@ def paged_attention_kernel(
     SLIDING: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
-    CAUSAL_BORDER_BUG: tl.constexpr,  # test hook only: a deliberately wrong mask (see below)
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -138,8 +137,6 @@ def paged_attention_kernel(
         if SLIDING:
             lo = tl.maximum(ctx_len + q_block * BLOCK_Q - window + 1, 0)
         lo = (lo // TILE_N) * TILE_N
-        if CAUSAL_BORDER_BUG:
-            hi = tl.minimum(hi + 1, seq_len)  # the bug's loop bound reaches one key too far
         if NUM_SPLITS > 1:
             per_split = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), TILE_N) * TILE_N
             lo = lo + split * per_split
@@ -168,15 +165,7 @@ def paged_attention_kernel(
             )
             s = _dot(q, kt, UPCAST, IEEE) * qk_scale
 
-            if CAUSAL_BORDER_BUG:
-                # Off by one at cache-block borders: a query also sees the next key when that key
-                # opens a new block. Exists only so tests can prove the conformance suite notices.
-                visible = (k_pos[None, :] <= q_pos[:, None]) | (
-                    (k_pos[None, :] == q_pos[:, None] + 1) & (k_pos[None, :] % block_size == 0)
-                )
-                visible = visible & (k_pos[None, :] < seq_len)
-            else:
-                visible = k_pos[None, :] <= q_pos[:, None]
+            visible = k_pos[None, :] <= q_pos[:, None]
             mask = row_ok[:, None] & k_ok[None, :] & visible
             if SLIDING:
                 mask = mask & (k_pos[None, :] > q_pos[:, None] - window)
@@ -325,7 +314,6 @@ def paged_attention(
     interpret: bool,
     num_splits: int | None = None,
     num_sms: int = 132,
-    causal_border_bug: bool = False,
 ) -> torch.Tensor:
     """Launches the unified kernel (and the split reduction when used); returns [T, Hq, D].
 
@@ -406,7 +394,6 @@ def paged_attention(
         SLIDING=sliding_window is not None,
         UPCAST=interpret,
         IEEE=q.dtype == torch.float32,
-        CAUSAL_BORDER_BUG=causal_border_bug,
         num_stages=num_stages,
     )
     if num_splits > 1:
