@@ -142,6 +142,8 @@ def profile_forward(backend: Backend, model, config: EngineConfig, max_len: int)
         max_seq_len=max(lens),
         scale=model.attention_scale,
         sliding_window=model.sliding_window,
+        query_start_loc_host=starts,
+        seq_lens_host=lens,
     )
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     with torch.inference_mode():

@@ -5,11 +5,16 @@ and `AttentionMetadata` tells the attention op where each sequence's tokens and 
 Steps made only of single-token queries (decodes) go through the backend's `GraphRunner`, padded
 to a capture-size bucket; other steps run eagerly. Only the last token of a sequence that
 reaches the end of its known tokens is sampled (a chunk in the middle of a prompt samples nothing).
+
+`execute` runs a step in parts of one concern each: `_prepare_inputs` flattens it into host
+lists (`StepInputs`), `_forward` replays a graph or runs eagerly, `_sample` and
+`_prompt_logprobs` turn logits into results. The host lists of the lengths go into the
+attention metadata as its host copies, so backends never read them back from the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +40,41 @@ class StepResult:
     sampled: list[SampledToken | None]
     # Prompt logprobs computed this step, per scheduled sequence (None when not requested).
     prompt_logprobs: list[list[dict[int, Logprob] | None] | None]
+
+
+# One sequence's prompt-logprob rows this step: (scheduled index, flat token rows, the prompt
+# token ids those rows score, whether the None entry of prompt token 0 comes first).
+PromptLogprobRows = tuple[int, list[int], list[int], bool]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One scheduled step flattened on the host, before any tensor is built.
+
+    The lists are what the device tensors are made from; `query_start_loc` and `seq_lens` also
+    go to the attention metadata as its host copies, so no backend reads them back.
+    """
+
+    input_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T]
+    slot_mapping: list[int] = field(default_factory=list)  # [T]
+    query_start_loc: list[int] = field(default_factory=lambda: [0])  # [B + 1]
+    seq_lens: list[int] = field(default_factory=list)  # [B]
+    # [B] the sequences' own (ragged) block tables, not copied
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # flat token row each sampled sequence reads
+    sample_indices: list[int] = field(default_factory=list)  # scheduled index of each sampled sequence
+    sampling_seqs: list[Sequence] = field(default_factory=list)
+    prompt_lp_rows: list[PromptLogprobRows] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def all_decodes(self) -> bool:
+        """Every sequence brings one token (each brings at least one)."""
+        return len(self.input_ids) == len(self.seq_lens)
 
 
 class ModelRunner:
@@ -104,21 +144,36 @@ class ModelRunner:
             max_seq_len=self.max_model_len,
             scale=self.scale,
             sliding_window=self.sliding_window,
+            # Host copies must hold at every replay (see AttentionMetadata's graph rule): the
+            # query layout of a decode bucket is fixed, its lengths change at every step.
+            query_start_loc_host=list(range(num_seqs + 1)),
+            seq_lens_host=None,
         )
         hidden = self.model.forward(input_ids, positions, self.kv_caches, metadata)
         return self.model.compute_logits(hidden)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
+        """One engine step: host inputs -> forward pass -> sampled tokens and prompt logprobs."""
+        inputs = self._prepare_inputs(scheduled)
+        logits, prompt_logits = self._forward(inputs)
+        sampled: list[SampledToken | None] = [None] * len(scheduled)
+        if inputs.sampling_seqs:
+            tokens = self._sample(logits, inputs.sampling_seqs)
+            for i, token in zip(inputs.sample_indices, tokens, strict=True):
+                sampled[i] = token
+        prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(scheduled)
+        if inputs.prompt_lp_rows:
+            prompt_logprobs = self._prompt_logprobs(
+                scheduled, inputs.prompt_lp_rows, prompt_logits, prompt_logprobs
+            )
+        return StepResult(sampled, prompt_logprobs)
+
+    def _prepare_inputs(self, scheduled: list[ScheduledSequence]) -> StepInputs:
+        """Flattens the scheduled sequences' new tokens into host lists (no tensors yet)."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []  # flat token row whose logits each sampling sequence uses
-        sampling_seqs: list[Sequence] = []
-        # (scheduled idx, rows, target ids, whether the None entry of prompt token 0 comes first)
-        prompt_lp_rows: list[tuple[int, list[int], list[int], bool]] = []
+        inputs = StepInputs()
+        input_ids, positions, slots = inputs.input_ids, inputs.positions, inputs.slot_mapping
+        query_start, seq_lens = inputs.query_start_loc, inputs.seq_lens
         for idx, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -129,93 +184,82 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
+            inputs.block_tables.append(table)
             if item.completes_context:
-                sample_rows.append(row0 + n - 1)
-                sampling_seqs.append(seq)
+                inputs.sample_rows.append(row0 + n - 1)
+                inputs.sample_indices.append(idx)
+                inputs.sampling_seqs.append(seq)
             if seq.params.prompt_logprobs is not None and seq.index == 0:
-                # Row p's logits predict token p + 1; only prompt tokens are scored here. Entry j
-                # of the request's prompt logprobs scores token j (entry 0 is None). Entries
-                # already reported, before a preemption made the prompt be recomputed, are not
-                # repeated, and the siblings of n > 1 report none: the prompt is the request's.
-                have = len(seq.request.prompt_logprobs or [])
-                first = max(start, have - 1)
-                last = min(start + n, seq.num_prompt_tokens - 1)
-                if have == 0 or first < last:
-                    rows = [row0 + p - start for p in range(first, last)]
-                    targets = seq.token_ids[first + 1 : last + 1]
-                    prompt_lp_rows.append((idx, rows, targets, have == 0))
+                rows = _prompt_logprob_rows(idx, seq, start, n, row0)
+                if rows is not None:
+                    inputs.prompt_lp_rows.append(rows)
+        return inputs
 
-        all_single = len(input_ids) == len(scheduled)
+    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits of the sampled rows and of the prompt-logprob rows (None where there are none).
+
+        Decode-only steps replay the bucket's graph; any other step (prefill chunks, a batch past
+        the largest bucket, prompt logprobs, which need every row's logits) runs eagerly.
+        """
         runner = self.graph_runner
-        logits_for_prompt = None
         if (
-            all_single
+            inputs.all_decodes
             and runner is not None
-            and runner.bucket_for(len(scheduled)) is not None
-            and not prompt_lp_rows
+            and runner.bucket_for(inputs.num_seqs) is not None
+            and not inputs.prompt_lp_rows
         ):
-            tables = _block_tables(scheduled, self.max_blocks_per_seq)
-            logits = runner.run(
-                input_ids=torch.tensor(input_ids, dtype=torch.int64).to(self.device),
-                positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
-                slot_mapping=torch.tensor(slots, dtype=torch.int64).to(self.device),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
-                block_tables=tables.to(self.device),
-            )
-            logits = (
-                logits[torch.tensor(sample_rows, device=self.device)]
-                if len(sample_rows) != len(scheduled)
-                else logits
-            )
-        else:
-            width = max(len(item.seq.block_table) for item in scheduled)
-            tables = _block_tables(scheduled, width)
-            metadata = AttentionMetadata(
-                query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(self.device),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
-                block_tables=tables.to(self.device),
-                slot_mapping=torch.tensor(slots, dtype=torch.int64).to(self.device),
-                max_query_len=max(item.num_new_tokens for item in scheduled),
-                max_seq_len=max(seq_lens),
-                scale=self.scale,
-                sliding_window=self.sliding_window,
-            )
-            hidden = self.model.forward(
-                torch.tensor(input_ids, dtype=torch.int64).to(self.device),
-                torch.tensor(positions, dtype=torch.int64).to(self.device),
-                self.kv_caches,
-                metadata,
-            )
-            logits = (
-                self.model.compute_logits(
-                    hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]
-                )
-                if sample_rows
-                else None
-            )
-            if prompt_lp_rows:
-                rows = [r for _, rs, _, _ in prompt_lp_rows for r in rs]
-                logits_for_prompt = (
-                    self.model.compute_logits(
-                        hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]
-                    )
-                    if rows
-                    else None
-                )
+            return self._replay_decode(inputs), None
+        return self._forward_eager(inputs)
 
-        sampled: list[SampledToken | None] = [None] * len(scheduled)
-        if sampling_seqs:
-            tokens = self._sample(logits, sampling_seqs)
-            it = iter(tokens)
-            for i, item in enumerate(scheduled):
-                if item.completes_context:
-                    sampled[i] = next(it)
-        prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(scheduled)
-        if prompt_lp_rows:
-            prompt_logprobs = self._prompt_logprobs(
-                scheduled, prompt_lp_rows, logits_for_prompt, prompt_logprobs
-            )
-        return StepResult(sampled, prompt_logprobs)
+    def _replay_decode(self, inputs: StepInputs) -> torch.Tensor:
+        """One token per sequence through the graph runner, which pads to the bucket."""
+        logits = self.graph_runner.run(
+            input_ids=self._tensor(inputs.input_ids, torch.int64),
+            positions=self._tensor(inputs.positions, torch.int64),
+            slot_mapping=self._tensor(inputs.slot_mapping, torch.int64),
+            seq_lens=self._tensor(inputs.seq_lens, torch.int32),
+            block_tables=_block_tables(inputs.block_tables, self.max_blocks_per_seq).to(self.device),
+        )
+        if len(inputs.sample_rows) != inputs.num_seqs:
+            logits = logits[torch.tensor(inputs.sample_rows, device=self.device)]
+        return logits
+
+    def _forward_eager(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        hidden = self.model.forward(
+            self._tensor(inputs.input_ids, torch.int64),
+            self._tensor(inputs.positions, torch.int64),
+            self.kv_caches,
+            self._eager_metadata(inputs),
+        )
+        rows = inputs.sample_rows
+        logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)]) if rows else None
+        prompt_logits = None
+        if inputs.prompt_lp_rows:
+            rows = [r for _, rs, _, _ in inputs.prompt_lp_rows for r in rs]
+            if rows:
+                prompt_logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
+        return logits, prompt_logits
+
+    def _eager_metadata(self, inputs: StepInputs) -> AttentionMetadata:
+        """Attention metadata of an eager step, with the host copies of its lengths."""
+        qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
+        width = max(len(table) for table in inputs.block_tables)
+        return AttentionMetadata(
+            query_start_loc=self._tensor(qsl, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=_block_tables(inputs.block_tables, width).to(self.device),
+            slot_mapping=self._tensor(inputs.slot_mapping, torch.int64),
+            max_query_len=max(b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)),
+            max_seq_len=max(seq_lens),
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            query_start_loc_host=qsl,
+            seq_lens_host=seq_lens,
+        )
+
+    def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A device tensor from a host list (built on the host, then one copy to the device)."""
+        return torch.tensor(values, dtype=dtype).to(self.device)
 
     # ------------------------------------------------------------------ sampling
 
@@ -313,9 +357,23 @@ class ModelRunner:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
 
 
-def _block_tables(scheduled: list[ScheduledSequence], width: int) -> torch.Tensor:
+def _prompt_logprob_rows(idx: int, seq: Sequence, start: int, n: int, row0: int) -> PromptLogprobRows | None:
+    """The rows of a step's chunk [start, start + n) of `seq` that score its prompt tokens.
+
+    Row p's logits predict token p + 1; only prompt tokens are scored here. Entry j of the
+    request's prompt logprobs scores token j (entry 0 is None). Entries already reported, before a
+    preemption made the prompt be recomputed, are not repeated, and the siblings of n > 1 report
+    none: the prompt is the request's. None when the chunk has nothing to report.
+    """
+    have = len(seq.request.prompt_logprobs or [])
+    first = max(start, have - 1)
+    last = min(start + n, seq.num_prompt_tokens - 1)
+    if have != 0 and first >= last:
+        return None
+    rows = [row0 + p - start for p in range(first, last)]
+    return idx, rows, seq.token_ids[first + 1 : last + 1], have == 0
+
+
+def _block_tables(tables: list[list[int]], width: int) -> torch.Tensor:
     """[B, width] int32 block tables padded with block 0, built in one tensor construction."""
-    return torch.tensor(
-        [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in scheduled],
-        dtype=torch.int32,
-    )
+    return torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.int32)

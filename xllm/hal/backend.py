@@ -234,6 +234,14 @@ class Backend(ABC):
         check_dim(op, "metadata.query_start_loc", md.query_start_loc.shape[0], num_seqs + 1, "length")
         check_dim(op, "metadata.block_tables", md.block_tables.shape[0], num_seqs, "row count")
         check_dim(op, "metadata.slot_mapping", md.slot_mapping.shape[0], q.shape[0], "length")
+        # Host copies are checked by length only: comparing values would cost the device read
+        # they exist to avoid.
+        if md.query_start_loc_host is not None:
+            check_dim(
+                op, "metadata.query_start_loc_host", len(md.query_start_loc_host), num_seqs + 1, "length"
+            )
+        if md.seq_lens_host is not None:
+            check_dim(op, "metadata.seq_lens_host", len(md.seq_lens_host), num_seqs, "length")
         if md.sliding_window is not None and md.sliding_window <= 0:
             raise ValueError(
                 f"{op}: argument 'metadata.sliding_window' must be positive or None, got {md.sliding_window}"

@@ -31,6 +31,23 @@ class AttentionMetadata:
     sequence, so a backend whose cache-write operator cannot skip slot -1 may write padding
     rows' K/V anywhere in block 0 (the Ascend graph path writes slot 0); its contents are
     undefined and never read for a real token. Unused block-table entries also point at it.
+
+    Host copies. ``query_start_loc_host`` and ``seq_lens_host`` hold the same values as the two
+    tensors, as Python lists, for backends whose operators take lengths on the host (Ascend's
+    FIA takes ``actual_seq_lengths`` lists; the CPU reference groups decode rows by length).
+    They are optional for callers; the engine and the conformance suite fill them, since they
+    built the tensors from those lists. Backends read them through `host_query_start_loc` /
+    `host_seq_lens`, which fall back to one device read when a copy is absent and keep it for
+    the other layers of the step. So a metadata object describes one step: a caller that
+    rewrites the tensors in place builds a new one (as the engine does) or updates the copies.
+
+    Graph rule. A captured graph replays its device work only: host values seen at capture are
+    frozen into it. Inside a function a `GraphRunner` captures, callers give only host copies
+    fixed per bucket (the engine's decode step: ``query_start_loc_host = [0, 1, ..., B]``, and
+    ``seq_lens_host = None`` because the lengths change at every replay), and a backend that
+    captures graphs must not read host lengths while capturing (CUDA's kernels read only the
+    tensors; Ascend switches to its device-tensor attention path). Backends that re-run the
+    function eagerly at replay (the CPU's graph runner) see fresh values at every step.
     """
 
     query_start_loc: torch.Tensor  # [B + 1] int32, cumulative query lengths, starts at 0
@@ -41,6 +58,9 @@ class AttentionMetadata:
     max_seq_len: int
     scale: float  # softmax scale, usually head_dim ** -0.5
     sliding_window: int | None = None  # a query at position p sees keys in (p - window, p]
+    # Host copies of the two tensors above (see "Host copies"); None: not given.
+    query_start_loc_host: list[int] | None = None  # [B + 1]
+    seq_lens_host: list[int] | None = None  # [B]
 
     @property
     def num_seqs(self) -> int:
@@ -49,6 +69,22 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.shape[0]
+
+    def host_query_start_loc(self) -> list[int]:
+        """``query_start_loc`` as a host list: the given copy, else one device read, kept."""
+        if self.query_start_loc_host is None:
+            self.query_start_loc_host = self.query_start_loc.tolist()
+        return self.query_start_loc_host
+
+    def host_seq_lens(self) -> list[int]:
+        """``seq_lens`` as a host list: the given copy, else one device read, kept.
+
+        The only place a backend reads lengths back from the device; never call it while a graph
+        is being captured (see "Graph rule").
+        """
+        if self.seq_lens_host is None:
+            self.seq_lens_host = self.seq_lens.tolist()
+        return self.seq_lens_host
 
 
 @dataclass(slots=True)
@@ -157,17 +193,6 @@ class SamplingMetadata:
             no_top_p=bool((tp >= 1.0).all()),
             no_min_p=bool((mp <= 0.0).all()),
         )
-
-
-def mask_banned_tokens(logits: torch.Tensor, sampling: SamplingMetadata) -> None:
-    """Sets the logits of ``sampling.banned`` (row, token) pairs to -inf, in place.
-
-    Shared by every backend (one index_put, no per-row Python) so min_tokens means the same thing
-    everywhere; a no-op when nothing is banned.
-    """
-    if sampling.banned is not None:
-        banned = sampling.banned.to(logits.device)
-        logits.index_put_((banned[:, 0], banned[:, 1]), torch.tensor(float("-inf"), device=logits.device))
 
 
 def pad_token_lists(rows: list[list[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:

@@ -4,6 +4,7 @@ computes what the torch_npu API reference documents, against the CPU reference b
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -111,6 +112,19 @@ def test_rotary_uses_npu_rotary_mul_in_bsnd_float32(backend, npu, cpu, neox):
     assert call["r1"].shape == (1, 3, 1, 8) and call["rotary_mode"] == ("half" if neox else "interleave")
 
 
+@pytest.mark.parametrize("neox", [True, False])
+def test_torch_rotary_mul_computes_what_npu_rotary_mul_documents(npu, neox):
+    """Past npu_rotary_mul's limits the backend runs `torch_ops.rotary_mul` instead, and its cos/sin
+    layout is built for the operator: the helper must compute what the reference documents."""
+    from xllm.backends.ascend import torch_ops
+
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 4, 8)
+    cos, sin = torch.rand(1, 3, 1, 8) * 2 - 1, torch.rand(1, 3, 1, 8) * 2 - 1  # documented range [-1, 1]
+    want = npu.npu_rotary_mul(x, cos, sin, rotary_mode="half" if neox else "interleave")
+    torch.testing.assert_close(torch_ops.rotary_mul(x, cos, sin, neox), want)
+
+
 def test_gated_activations(backend, npu, cpu):
     x = torch.randn(4, 10, dtype=torch.float16)
     torch.testing.assert_close(backend.silu_and_mul(x), cpu.silu_and_mul(x))
@@ -130,23 +144,34 @@ def test_reshape_and_cache_skips_negative_slots(backend, npu, cpu, dtype):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     if dtype == torch.bfloat16:
         ((name, call),) = npu.calls
-        assert name == "_npu_reshape_and_cache" and call["slot_indices"].tolist() == [5, 0, 12]
-        assert call["key"].shape == (3, 2, 8)
+        # The skipped row repeats the first written row (same slot, same values) on the device.
+        assert name == "_npu_reshape_and_cache" and call["slot_indices"].tolist() == [5, 5, 0, 12]
+        assert call["key"].shape == (4, 2, 8) and torch.equal(call["key"][1], call["key"][0])
     else:
         assert npu.calls == []  # the ATB op takes fp16/bf16 only
 
 
-def test_reshape_and_cache_plan_is_computed_once_per_slot_tensor(backend, npu):
-    k = torch.randn(2, 1, 4, dtype=torch.float16)
-    kc, vc = torch.zeros(2, 2, 1, 4, dtype=torch.float16), torch.zeros(2, 2, 1, 4, dtype=torch.float16)
-    slots = torch.tensor([1, 2])
-    backend.reshape_and_cache(k, k, kc, vc, slots)
-    first = npu.calls[-1][1]["slot_indices"]
-    backend.reshape_and_cache(k, k, kc, vc, slots)  # next layer, same metadata: no new host read
-    assert npu.calls[-1][1]["slot_indices"] is first
-    slots[0] = 3  # in-place change bumps the version: re-planned
-    backend.reshape_and_cache(k, k, kc, vc, slots)
-    assert npu.calls[-1][1]["slot_indices"].tolist() == [3, 2]
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_reshape_and_cache_reads_no_slot_on_the_host(npu, cpu, dtype):
+    """The cache write never waits for the device: no slot is read back, whatever the slots
+    (some skipped, none skipped, all skipped), and a slot tensor rewritten in place is used as is."""
+    from tests.backends.host_reads import DeviceOnlyTensor, plain
+
+    class StandIn(DocumentedNpu):  # the device itself may read its inputs
+        def _npu_reshape_and_cache(self, **kw):
+            super()._npu_reshape_and_cache(**{name: plain(t) for name, t in kw.items()})
+
+    backend = AscendBackend(npu_module=StandIn())
+    torch.manual_seed(4)
+    k, v = torch.randn(3, 1, 4, dtype=dtype), torch.randn(3, 1, 4, dtype=dtype)
+    ours = [torch.randn(2, 4, 1, 4, dtype=dtype) for _ in range(2)]
+    ref = [c.clone() for c in ours]
+    slots = torch.tensor([1, 2, 7])
+    for values in ([1, 2, 7], [-1, 0, 6], [-1, -1, -1], [5, -1, -1]):
+        slots.copy_(torch.tensor(values))  # the next step rewrites the slot buffer in place
+        backend.reshape_and_cache(k, v, ours[0], ours[1], slots.as_subclass(DeviceOnlyTensor))
+        cpu.reshape_and_cache(k, v, ref[0], ref[1], slots)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]), values
 
 
 def test_capture_path_cache_write_skips_negative_slots(backend, cpu):
@@ -224,21 +249,25 @@ def test_unknown_option_is_rejected(npu):
         AscendBackend(npu_module=npu, graph_mode="x")
 
 
-def test_host_copy_needs_the_same_tensor_object():
-    """Same address and version but another tensor object (as when the allocator hands a new
-    metadata tensor the freed one's memory): recomputed, never served stale."""
-    from xllm.backends.ascend.backend import _HostCopy
+@pytest.mark.parametrize("split", [False, True])
+def test_fia_lengths_come_from_the_host_copies(npu, cpu, split):
+    """FIA's actual_seq_lengths lists are the metadata's host copies: no length tensor is read
+    back (it would wait for the device), and the result is the reference's."""
+    from tests.backends.host_reads import device_only
 
-    cache, calls = _HostCopy(), []
-    base = torch.tensor([5, 6])
-    first, second = base.view(2), base.view(2)
-    assert first.data_ptr() == second.data_ptr() and first._version == second._version
-    for t in (first, first, second):
-        cache.get([t], lambda: calls.append(1))
-    assert len(calls) == 2
-    first.add_(1)  # in-place write bumps the shared version counter
-    cache.get([second], lambda: calls.append(1))
-    assert len(calls) == 3
+    backend = AscendBackend(npu_module=npu, split_mixed_batches=split)
+    q, kc, vc, md, qsl, seq_lens, _ = mixed_batch(torch.bfloat16)
+    kv = torch.zeros(q.shape[0], kc.shape[2], kc.shape[3], dtype=torch.bfloat16)
+    guarded = device_only(dataclasses.replace(md, query_start_loc_host=qsl, seq_lens_host=seq_lens))
+    got = backend.attention(q, kv, kv, kc, vc, guarded)
+    calls = [c for name, c in npu.calls if name == "npu_fused_infer_attention_score"]
+    assert calls
+    assert [x for c in calls for x in c["actual_seq_lengths_kv"]] == seq_lens
+    if not split:
+        assert calls[0]["actual_seq_lengths"] == qsl[1:]
+    torch.testing.assert_close(
+        got.float(), cpu.attention(q, kv, kv, kc, vc, md).float(), atol=2e-2, rtol=2e-2
+    )
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -281,7 +310,7 @@ def test_fia_arguments_are_planned_once_per_step(backend, monkeypatch):
     for _layer in range(3):
         backend.attention(q, kv, kv, kc, vc, md)
     assert len(planned) == 1
-    md.seq_lens.copy_(md.seq_lens)  # the next step rewrites the (static) metadata buffers
+    md = dataclasses.replace(md)  # the next step: the engine builds new metadata every step
     backend.attention(q, kv, kv, kc, vc, md)
     assert len(planned) == 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -176,3 +177,19 @@ def test_long_prefill_is_split_into_query_chunks(cpu, monkeypatch):
     monkeypatch.setattr(cpu_attention, "_MAX_SCORE_ELEMENTS", 4 * 23 * 3)  # 3 query rows per chunk
     torch.testing.assert_close(cpu.attention(q, k, v, kc, vc, md), want)
     torch.testing.assert_close(want, reference_attention(q, kc, vc, md), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mixed", "decode_ragged_groups", "prefill_chunk_over_prefix", "decode_mha"])
+def test_lengths_come_from_the_host_copies(cpu, case):
+    """Given the metadata's host copies, attention reads no length back from the tensors (not
+    even the decode grouping's longest context) and gives the same result."""
+    from tests.backends.host_reads import device_only, plain
+
+    seq_lens, query_lens, nh, nkv, window = CASES[case]
+    q, k, v, kc, vc, md = build_batch(cpu, seq_lens, query_lens, nh, nkv, sliding_window=window)
+    want = cpu.attention(q, k, v, kc, vc, md)
+    guarded = device_only(
+        dataclasses.replace(md, query_start_loc_host=md.query_start_loc.tolist(), seq_lens_host=list(seq_lens))
+    )
+    got = plain(cpu.attention(q, k, v, kc, vc, guarded))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

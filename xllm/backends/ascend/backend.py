@@ -32,7 +32,6 @@ from xllm.backends.ascend.runtime import (
 from xllm.backends.ascend.translation import (
     FiaArgs,
     SamplingPlan,
-    cache_write_plan,
     fia_args,
     sampling_plan,
     split_by_kind,
@@ -44,38 +43,6 @@ from xllm.hal.graphs import GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 from xllm.hal.streams import Event, Stream
-
-
-class _HostCopy:
-    """Host copy of values derived from device tensors, recomputed only when the tensors change.
-
-    Every attention layer of one step sees the same metadata tensors, so the one device->host
-    sync that FIA's host-side length lists need happens once per step, not once per layer. The
-    cache holds the tensors themselves: a hit needs the very same objects (not just the same
-    address, which a freed tensor's successor may reuse) at the same version counter (bumped by
-    every in-place write, ``copy_`` into a static graph buffer included).
-    """
-
-    def __init__(self) -> None:
-        self._tensors: tuple[torch.Tensor, ...] = ()
-        self._versions: tuple[int, ...] = ()
-        self._extra: tuple[Any, ...] = ()
-        self._value: Any = None
-
-    def get(
-        self, tensors: Sequence[torch.Tensor], compute: Callable[[], Any], extra: tuple[Any, ...] = ()
-    ) -> Any:
-        versions = tuple(t._version for t in tensors)
-        hit = (
-            len(tensors) == len(self._tensors)
-            and all(a is b for a, b in zip(tensors, self._tensors, strict=True))
-            and versions == self._versions
-            and extra == self._extra
-        )
-        if not hit:
-            self._value = compute()
-            self._tensors, self._versions, self._extra = tuple(tensors), versions, extra
-        return self._value
 
 
 class AscendBackend(Backend):
@@ -106,8 +73,9 @@ class AscendBackend(Backend):
         self.ns = npu_namespace(self.npu)
         self.split_mixed_batches = bool(split_mixed_batches)
         self._capturing = False  # True while NpuGraphRunner records a graph
-        self._fia_calls = _HostCopy()  # per-step FIA arguments, shared by all layers
-        self._slot_plan = _HostCopy()
+        # FIA calls planned for the metadata of the current step, per layer shape (see _fia_calls).
+        self._fia_metadata: AttentionMetadata | None = None
+        self._fia_plans: dict[tuple[Any, ...], list[tuple[slice, slice, FiaArgs]]] = {}
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._acl: AclRuntime | None = None
 
@@ -154,17 +122,11 @@ class AscendBackend(Backend):
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        num_slots = k_cache.shape[0] * k_cache.shape[1]
         if self._capturing:
             self._reshape_and_cache_capturable(k, v, k_cache, v_cache, slot_mapping)
             return
-
-        def plan() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return op_mapping.plan_to_tensors(cache_write_plan(slot_mapping.tolist(), num_slots), k.device)
-
-        slots, rows = self._slot_plan.get([slot_mapping], plan, extra=(num_slots, k.device))
-        if slots.numel():
-            op_mapping.reshape_and_cache(self.npu, k, v, k_cache, v_cache, slots, rows)
+        # No host read of the slots: skipped rows are redirected on the device (see op_mapping).
+        op_mapping.reshape_and_cache(self.npu, k, v, k_cache, v_cache, slot_mapping)
 
     @staticmethod
     def _reshape_and_cache_capturable(
@@ -204,9 +166,7 @@ class AscendBackend(Backend):
             md.sliding_window,
             self.split_mixed_batches,
         )
-        calls = self._fia_calls.get(
-            [md.query_start_loc, md.seq_lens], lambda: self._plan_fia_calls(md, shape_key), extra=shape_key
-        )
+        calls = self._fia_calls(md, shape_key)
         tables = md.block_tables.to(torch.int32)
         mask = self._causal_mask(q.device)
         if len(calls) == 1:
@@ -218,14 +178,30 @@ class AscendBackend(Backend):
             )
         return out
 
+    def _fia_calls(
+        self, md: AttentionMetadata, shape_key: tuple[Any, ...]
+    ) -> list[tuple[slice, slice, FiaArgs]]:
+        """The FIA calls of this step for one layer shape, planned at the step's first layer.
+
+        Every layer of a step gets the same metadata object (the engine builds a new one per
+        step), so plans are kept per shape for that object only. Holding it keeps it alive, so
+        a later step's metadata is never taken for it; nothing is read from the device.
+        """
+        if self._fia_metadata is not md:
+            self._fia_metadata, self._fia_plans = md, {}
+        calls = self._fia_plans.get(shape_key)
+        if calls is None:
+            calls = self._fia_plans[shape_key] = self._plan_fia_calls(md, shape_key)
+        return calls
+
     @staticmethod
     def _plan_fia_calls(
         md: AttentionMetadata, shape_key: tuple[Any, ...]
     ) -> list[tuple[slice, slice, FiaArgs]]:
-        """(token slice, sequence slice, FIA arguments) per operator call; one host read of the
-        lengths per step, shared by every layer through `_HostCopy`."""
+        """(token slice, sequence slice, FIA arguments) per operator call, from the metadata's
+        host copies of the lengths (FIA takes them as host lists)."""
         num_heads, num_kv_heads, block_size, scale, window, split = shape_key
-        qsl, seq_lens = md.query_start_loc.tolist(), md.seq_lens.tolist()
+        qsl, seq_lens = md.host_query_start_loc(), md.host_seq_lens()
         common = dict(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,

@@ -19,11 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from xllm.backends.ascend import torch_ops
-from xllm.backends.ascend.translation import (
-    FIA_COMPRESSED_MASK_SIZE,
-    CacheWritePlan,
-    FiaArgs,
-)
+from xllm.backends.ascend.translation import FIA_COMPRESSED_MASK_SIZE, FIA_NO_LIMIT, FiaArgs
 from xllm.hal.metadata import AttentionMetadata
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)  # FIA and the ATB cache write take these only
@@ -74,8 +70,8 @@ OP_TABLE: dict[str, OpMapping] = {
             "reshape_and_cache",
             "torch_npu._npu_reshape_and_cache",
             "_npu_reshape_and_cache(key=k, value=v, key_cache=kc, value_cache=vc, slot_indices=int32 slots); "
-            "rows with slot < 0 are dropped first (translation: cache_write_plan), since the ATB operator "
-            "documents no skip.",
+            "since the ATB operator documents no skip, rows with slot < 0 first repeat the first written row "
+            "(same slot, same values) on the device, so no slot is read on the host.",
             "fp32 caches (ATB takes fp16/bf16/int8): index_copy_ into the flattened cache.",
             ("whether ATB ReshapeAndCache itself skips slot -1",),
         ),
@@ -174,35 +170,42 @@ def reshape_and_cache(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    rows: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
 ) -> None:
-    """Writes the rows `rows` (None: all) of k/v into int32 `slots` (one per written row)."""
-    if rows is not None:
-        k, v = k.index_select(0, rows), v.index_select(0, rows)
+    """Writes k/v row t into cache slot ``slot_mapping[t]``, skipping rows whose slot is < 0.
+
+    The ATB operator documents no skip, and dropping those rows would need their indices on the
+    host (a device read per layer). Instead each such row repeats the first row that is written:
+    same slot, same values, so every slot passed is valid and duplicate writes agree. When no row
+    is written, every row rewrites slot 0 with its current contents. All of it is device work.
+    """
+    if k_cache.shape[0] * k_cache.shape[1] > FIA_NO_LIMIT:
+        raise ValueError(
+            f"reshape_and_cache: {k_cache.shape[0] * k_cache.shape[1]} slots exceed the int32 slot indices "
+            "of the operator"
+        )
+    valid = slot_mapping >= 0
+    first = valid.to(torch.int32).argmax()  # the first written row (0 when there is none)
+    rows = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), first)
+    slots = slot_mapping.index_select(0, rows)
+    k, v = k.index_select(0, rows), v.index_select(0, rows)
+    keep = (slots >= 0).view(-1, 1, 1)  # False on every row only when no row is written
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    k, v = torch.where(keep, k, flat_k[0]), torch.where(keep, v, flat_v[0])
+    slots = slots.clamp(min=0)
     if k_cache.dtype in FUSED_DTYPES:
         npu._npu_reshape_and_cache(
             key=k.contiguous(),
             value=v.contiguous(),
             key_cache=k_cache,
             value_cache=v_cache,
-            slot_indices=slots,
+            slot_indices=slots.to(torch.int32),
         )
         return
     idx = slots.to(torch.int64)
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, idx, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, idx, v)
-
-
-def plan_to_tensors(plan: CacheWritePlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """int32 slot tensor and (when some rows are skipped) the int64 row indices, on `device`."""
-    slots = torch.tensor(plan.slots, dtype=torch.int32).to(device, non_blocking=True)
-    rows = (
-        None
-        if plan.all_valid
-        else torch.tensor(plan.valid_rows, dtype=torch.int64).to(device, non_blocking=True)
-    )
-    return slots, rows
+    flat_k.index_copy_(0, idx, k)
+    flat_v.index_copy_(0, idx, v)
 
 
 def causal_mask(device: torch.device) -> torch.Tensor:

@@ -4,7 +4,9 @@ Keys and values are always read from the paged cache [num_blocks, block_size, nu
 head_dim] through the block tables (see `AttentionMetadata`). All decode rows (query length 1)
 are gathered into one padded batch and attended with torch's fused SDPA; each prefill
 chunk is attended on its own, in query chunks that bound the size of the score matrix. Scores,
-softmax and the weighted sum are float32; the result is cast back to q's dtype.
+softmax and the weighted sum are float32; the result is cast back to q's dtype. Lengths that
+shape the work (which rows decode, how long each context is) come from the metadata's host
+copies, never from reading the tensors back.
 """
 
 from __future__ import annotations
@@ -84,14 +86,20 @@ def _decode(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
+    lens: list[int],
     md: AttentionMetadata,
 ) -> torch.Tensor:
-    """One query per sequence (q: [B, Hq, D]) -> float32 [B, Hq, D]."""
-    if q.shape[0] <= _DECODE_GROUP_ROWS:
-        return _decode_group(q, k_cache, v_cache, block_tables, seq_lens, md)
+    """One query per sequence (q: [B, Hq, D]) -> float32 [B, Hq, D]; `lens` is `seq_lens` on the host."""
+    if len(lens) <= _DECODE_GROUP_ROWS:
+        return _decode_group(q, k_cache, v_cache, block_tables, seq_lens, max(lens), md)
     out = torch.empty(q.shape, dtype=torch.float32)
-    for rows in torch.argsort(seq_lens).split(_DECODE_GROUP_ROWS):
-        out[rows] = _decode_group(q[rows], k_cache, v_cache, block_tables[rows], seq_lens[rows], md)
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    for first in range(0, len(order), _DECODE_GROUP_ROWS):
+        group = order[first : first + _DECODE_GROUP_ROWS]
+        rows = torch.tensor(group, dtype=torch.int64)
+        # Sorted by length, so the group's last row has its longest context.
+        ctx_len = lens[group[-1]]
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, block_tables[rows], seq_lens[rows], ctx_len, md)
     return out
 
 
@@ -101,15 +109,15 @@ def _decode_group(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
+    ctx_len: int,
     md: AttentionMetadata,
 ) -> torch.Tensor:
-    """Rows padded to the group's longest context.
+    """Rows padded to the group's longest context, `ctx_len`.
 
     The context is gathered once, token-major, and handed to torch's fused SDPA as a transposed
     view, so no second (transposing) copy is made; the mask hides the padding past each
     sequence's length and, with a window, the keys that slid out of it.
     """
-    ctx_len = int(seq_lens.max())
     k_ctx = _gather_tokens(k_cache, block_tables, seq_lens, ctx_len)
     v_ctx = _gather_tokens(v_cache, block_tables, seq_lens, ctx_len)
     mask = _visible((seq_lens - 1).view(-1, 1), ctx_len, seq_lens, md.sliding_window)
@@ -125,7 +133,9 @@ def _decode_group(
     return out.view(b, hq, d)
 
 
-def _gather_tokens(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, ctx_len: int) -> torch.Tensor:
+def _gather_tokens(
+    cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, ctx_len: int
+) -> torch.Tensor:
     """[B, ctx_len, num_kv_heads, head_dim] float32 view of each row's first ctx_len cached tokens."""
     block_size = cache.shape[1]
     num_blocks = -(-ctx_len // block_size)
@@ -141,26 +151,38 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
-    starts = md.query_start_loc.to(torch.int64)
-    seq_lens = md.seq_lens.to(torch.int64)
-    query_lens = starts[1:] - starts[:-1]
-    if md.num_seqs == 0:
+    num_seqs = md.num_seqs
+    if num_seqs == 0:
         return torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
-    if num_tokens == md.num_seqs and bool((query_lens == 1).all()):
+    qsl, lens = md.host_query_start_loc(), md.host_seq_lens()
+    seq_lens = md.seq_lens.to(torch.int64)
+    if num_tokens == num_seqs and qsl == list(range(num_seqs + 1)):
         # Pure decode (the hot path, and every graph-replayed step): token i is sequence i.
-        return _decode(q, k_cache, v_cache, md.block_tables, seq_lens, md).to(q.dtype)
+        return _decode(q, k_cache, v_cache, md.block_tables, seq_lens, lens, md).to(q.dtype)
 
     out = torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
-    decode_rows = (query_lens == 1).nonzero().flatten()
-    if decode_rows.numel():
-        tokens = starts[decode_rows]
-        res = _decode(q[tokens], k_cache, v_cache, md.block_tables[decode_rows], seq_lens[decode_rows], md)
+    query_lens = [b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)]
+    decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
+    if decode_rows:
+        rows = torch.tensor(decode_rows, dtype=torch.int64)
+        tokens = torch.tensor([qsl[i] for i in decode_rows], dtype=torch.int64)
+        res = _decode(
+            q[tokens],
+            k_cache,
+            v_cache,
+            md.block_tables[rows],
+            seq_lens[rows],
+            [lens[i] for i in decode_rows],
+            md,
+        )
         out[tokens] = res.to(q.dtype)
 
     # Prefill chunks (query length > 1) one sequence at a time: their lengths differ too much
     # to pad them together without wasting most of the work.
-    for i in (query_lens > 1).nonzero().flatten().tolist():
-        start, q_len, seq_len = int(starts[i]), int(query_lens[i]), int(seq_lens[i])
+    for i, q_len in enumerate(query_lens):
+        if q_len <= 1:
+            continue
+        start, seq_len = qsl[i], lens[i]
         k_ctx = _gather_context(k_cache, md.block_tables[i : i + 1], seq_lens[i : i + 1], seq_len)
         v_ctx = _gather_context(v_cache, md.block_tables[i : i + 1], seq_lens[i : i + 1], seq_len)
         step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * seq_len))

@@ -132,6 +132,9 @@ def paged_batch(
         max_seq_len=max(seq_lens),
         scale=head_dim**-0.5,
         sliding_window=sliding_window,
+        # The suite fills the host copies, as the engine does (see AttentionMetadata).
+        query_start_loc_host=starts,
+        seq_lens_host=seq_lens,
     )
     return PagedBatch(
         q=randn(gen, (num_tokens, num_q_heads, head_dim), dtype),

@@ -70,6 +70,9 @@ def _decode_step(
             # A captured graph cannot look at the batch, so the bound is the block table's reach.
             max_seq_len=max_seq_len,
             scale=q.shape[-1] ** -0.5,
+            # Only host copies fixed per bucket may be given inside a captured step (the graph
+            # rule of AttentionMetadata): the query layout yes, the lengths no.
+            query_start_loc_host=list(range(b + 1)),
         )
         out = backend.attention(q, k, v, k_cache, v_cache, md)
         return backend.silu_and_mul(backend.rms_norm(out.reshape(b, -1), weight, 1e-6))
