@@ -14,7 +14,7 @@ from xllm.hal.errors import (
     UnknownBackendError,
     UnmappedMemoryError,
 )
-from xllm.hal.graphs import DEFAULT_CAPTURE_SIZES, GraphInput, GraphRunner
+from xllm.hal.graphs import DEFAULT_CAPTURE_SIZES, EagerGraphRunner, GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, pad_token_lists
 from xllm.hal.registry import (
@@ -38,6 +38,7 @@ __all__ = [
     "Communicator",
     "DEFAULT_CAPTURE_SIZES",
     "DeviceFaultError",
+    "EagerGraphRunner",
     "Event",
     "GraphInput",
     "GraphRunner",

@@ -7,7 +7,8 @@ output rows. The pad values must describe harmless rows (for attention: one-toke
 block 0 writing slot -1, see `AttentionMetadata`).
 
 The bookkeeping is shared here; a backend supplies `_capture` and `_replay` (CUDA graphs, ACL
-graphs, or eager re-execution on the CPU, which keeps the engine on the code path a GPU uses).
+graphs, or `EagerGraphRunner` below: eager re-execution for backends without graph capture, which
+keeps the engine on the code path a GPU uses).
 """
 
 from __future__ import annotations
@@ -133,3 +134,38 @@ class GraphRunner(ABC):
     @abstractmethod
     def _replay(self, size: int) -> torch.Tensor:
         """Re-runs bucket `size` over the current buffer contents and returns its static output."""
+
+
+class EagerGraphRunner(GraphRunner):
+    """Replay without a device graph: the same static input buffers, buckets and padding rows as
+    a real graph, and a static output (one pool shared by all buckets, like a CUDA graph pool);
+    replay re-runs `fn` eagerly over the static inputs. The CPU backend's runner, and the fallback
+    of any backend without graph capture (the CUDA backend under the Triton interpreter)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._inputs: dict[int, dict[str, torch.Tensor]] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._output_pool: torch.Tensor | None = None  # shared by all buckets, like a CUDA graph pool
+
+    def _capture(self, size: int, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        result = fn(**inputs)
+        pool = self._output_pool
+        # Buckets are captured largest first, so the first output sizes the pool for all of them.
+        if (
+            pool is None
+            or pool.shape[0] < size
+            or pool.shape[1:] != result.shape[1:]
+            or pool.dtype != result.dtype
+        ):
+            pool = torch.empty_like(result)
+            self._output_pool = pool
+        out = pool[:size]
+        out.copy_(result)
+        self._inputs[size] = inputs
+        self._outputs[size] = out
+
+    def _replay(self, size: int) -> torch.Tensor:
+        out = self._outputs[size]
+        out.copy_(self.fn(**self._inputs[size]))
+        return out

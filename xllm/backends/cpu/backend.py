@@ -20,12 +20,11 @@ import torch
 
 from xllm.backends.cpu import attention, linear, ops
 from xllm.backends.cpu.comm import GlooCommunicator
-from xllm.backends.cpu.graphs import CpuGraphRunner
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
 from xllm.hal.comm import Communicator
-from xllm.hal.graphs import GraphInput, GraphRunner
+from xllm.hal.graphs import EagerGraphRunner, GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
@@ -184,7 +183,7 @@ class CpuBackend(Backend):
         max_batch_size: int | None,
         device_index: int,
     ) -> GraphRunner:
-        return CpuGraphRunner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
+        return EagerGraphRunner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
 
     # ------------------------------------------------------------------ streams
 

@@ -7,8 +7,7 @@ of each holding its own activations. Before capture, `fn` runs on a side stream 
 compiles the Triton kernels, lets cuBLAS pick algorithms and allocate workspaces, and keeps those
 one-time allocations out of the graph (PyTorch's recommended warm-up).
 
-`EagerGraphRunner` is the fallback where real graphs are unavailable (the Triton interpreter):
-same static buffers and buckets, replay re-executes `fn`.
+Where real graphs are unavailable (the Triton interpreter) the HAL's `EagerGraphRunner` replays.
 """
 
 from __future__ import annotations
@@ -58,24 +57,3 @@ class CudaGraphRunner(GraphRunner):
     def _replay(self, size: int) -> torch.Tensor:
         self._graphs[size].replay()
         return self._outputs[size]
-
-
-class EagerGraphRunner(GraphRunner):
-    """Replays by running `fn` again on the static buffers (no device graph)."""
-
-    def __init__(
-        self,
-        fn: Callable[..., torch.Tensor],
-        inputs: dict[str, GraphInput],
-        device: torch.device | str,
-        capture_sizes: Sequence[int] | None = None,
-        max_batch_size: int | None = None,
-    ) -> None:
-        super().__init__(fn, inputs, device, capture_sizes, max_batch_size)
-        self._views: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _capture(self, size: int, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
-        self._views[size] = inputs
-
-    def _replay(self, size: int) -> torch.Tensor:
-        return self.fn(**self._views[size])

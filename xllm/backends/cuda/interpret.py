@@ -20,11 +20,11 @@ import torch
 from xllm.backends.cuda import runtime
 from xllm.backends.cuda.backend import CudaBackend
 from xllm.backends.cuda.comm import TorchDistCommunicator
-from xllm.backends.cuda.graphs import EagerGraphRunner
 from xllm.hal import (
     FLOAT_DTYPES,
     Capabilities,
     Communicator,
+    EagerGraphRunner,
     Event,
     GraphInput,
     GraphRunner,
