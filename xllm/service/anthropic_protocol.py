@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from xllm.service.protocol import MAX_STOP_SEQUENCES, SamplingFields, integral_floats_as_ints
+from xllm.service.protocol import MAX_STOP_SEQUENCES, OpenAIRequestModel, SamplingFields
 
 # Anthropic's own cap on the number of messages in one request.
 MAX_MESSAGES = 100_000
@@ -38,17 +38,9 @@ class AnthropicBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class AnthropicRequestModel(AnthropicBaseModel):
-    """A request body: strict types, as the OpenAI request models (`max_tokens: true` is not 1)."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_number_type(cls, data: Any) -> Any:
-        # A model-level step, not a per-field validator: a validator inside the field's type
-        # would hide its ge/le bounds from the published schema.
-        return integral_floats_as_ints(data)
+class AnthropicRequestModel(OpenAIRequestModel):
+    """A request body: the same strict types as the OpenAI request models (`max_tokens: true`
+    is not 1; 2.0 is 2), so both APIs refuse and accept the same JSON."""
 
 
 def _only_text_blocks(value: Any) -> Any:

@@ -69,6 +69,8 @@ class OpenAIRequestModel(OpenAIBaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_number_type(cls, data: Any) -> Any:
+        # A model-level step, not a per-field validator: a validator inside a field's type would
+        # hide its ge/le bounds from the published schema.
         return integral_floats_as_ints(data)
 
 
