@@ -20,7 +20,6 @@ from xllm.backends.ascend.translation import (
     FIA_NO_LIMIT,
     BatchPart,
     blocks_touched,
-    cache_write_plan,
     fia_args,
     mask_window,
     sampling_plan,
@@ -102,20 +101,6 @@ def test_split_by_kind_keeps_batch_order():
         ("decode", [1, 2], 3, 5, [0, 1, 2], [6, 2]),
         ("prefill", [3], 5, 7, [0, 2], [9]),
     ]
-
-
-def test_cache_write_plan_drops_negative_slots():
-    # Slots of the batch: seq0 pos 4 -> block 3 off 0 = 12; seq1 pos 8 -> block 8 off 0 = 32;
-    # seq2 pos 6, 7 -> block 4 off 2, 3 = 18, 19; pos 8, 9 -> block 6 off 0, 1 = 24, 25; + a pad row.
-    slots = torch.tensor([12, 32, 18, 19, 24, 25, -1])
-    plan = cache_write_plan(slots, num_slots=9 * BLOCK_SIZE)
-    assert not plan.all_valid
-    assert plan.valid_rows == [0, 1, 2, 3, 4, 5]
-    assert plan.slots == [12, 32, 18, 19, 24, 25]
-    full = cache_write_plan([12, 32], num_slots=36)
-    assert full.all_valid and full.valid_rows == [0, 1]
-    with pytest.raises(ValueError, match="outside the cache"):
-        cache_write_plan([36], num_slots=36)
 
 
 def test_sampling_plan_rows_and_switches():

@@ -198,30 +198,6 @@ def blocks_touched(seq_len: int, block_size: int, block_row: Sequence[int] | tor
     return row[: -(-seq_len // block_size)]
 
 
-@dataclass(frozen=True, slots=True)
-class CacheWritePlan:
-    """Which rows a cache write keeps: the host statement of the rule that
-    `op_mapping.reshape_and_cache` applies on the device (kept for tests and porting notes)."""
-
-    all_valid: bool  # every slot >= 0: pass the batch as is
-    valid_rows: list[int]  # otherwise: write only these token rows
-    slots: list[int]  # the slots of those rows, int32 range
-
-
-def cache_write_plan(slot_mapping: Sequence[int] | torch.Tensor, num_slots: int) -> CacheWritePlan:
-    """Picks the rows to write; slots < 0 are skipped (HAL contract), slots past the cache fail."""
-    slots = _as_list(slot_mapping)
-    bad = [s for s in slots if s >= num_slots]
-    if bad:
-        raise ValueError(f"reshape_and_cache: slots {bad[:8]} are outside the cache of {num_slots} slots")
-    if num_slots > FIA_NO_LIMIT:
-        raise ValueError(
-            f"reshape_and_cache: {num_slots} slots exceed the int32 slot indices of the operator"
-        )
-    rows = [t for t, s in enumerate(slots) if s >= 0]
-    return CacheWritePlan(all_valid=len(rows) == len(slots), valid_rows=rows, slots=[slots[t] for t in rows])
-
-
 # ---------------------------------------------------------------------------- sampling
 
 
