@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from xllm.backends.ascend.translation import sampling_plan, token_layout
+from xllm.backends.ascend.translation import token_layout
 from xllm.hal import AttentionMetadata, SamplingMetadata
 
 
@@ -74,18 +74,3 @@ def sampling_case():
         max_num_logprobs=3,
     )
     return logits, sm
-
-
-def plan_for(logits, sm):
-    return sampling_plan(
-        sm.temperature,
-        sm.seeds,
-        sm.steps,
-        vocab_size=logits.shape[1],
-        all_greedy=sm.all_greedy,
-        no_penalties=sm.no_penalties,
-        no_top_k=sm.no_top_k,
-        no_top_p=sm.no_top_p,
-        no_min_p=sm.no_min_p,
-        max_num_logprobs=sm.max_num_logprobs,
-    )

@@ -22,11 +22,9 @@ from xllm.backends.ascend.translation import (
     blocks_touched,
     fia_args,
     mask_window,
-    sampling_plan,
     split_by_kind,
     token_layout,
 )
-from xllm.hal.sampling_ops import row_seed, row_uniforms
 
 QSL = torch.tensor([0, 1, 2, 6], dtype=torch.int32)
 SEQ_LENS = torch.tensor([5, 9, 10], dtype=torch.int32)
@@ -101,51 +99,3 @@ def test_split_by_kind_keeps_batch_order():
         ("decode", [1, 2], 3, 5, [0, 1, 2], [6, 2]),
         ("prefill", [3], 5, 7, [0, 2], [9]),
     ]
-
-
-def test_sampling_plan_rows_and_switches():
-    plan = sampling_plan(
-        torch.tensor([0.0, 0.7, 1.0]),
-        torch.tensor([1, 2, 3]),
-        torch.tensor([0, 5, 9]),
-        vocab_size=10,
-        all_greedy=False,
-        no_penalties=True,
-        no_top_k=False,
-        no_top_p=True,
-        no_min_p=True,
-        max_num_logprobs=20,
-    )
-    assert plan.random_rows == [1, 2]
-    assert plan.row_seeds == [row_seed(2, 5), row_seed(3, 9)]
-    assert len(plan.uniforms) == 2
-    # The HAL's per-row host draws, the very numbers the CPU reference draws for these rows.
-    assert plan.uniforms == row_uniforms([2, 3], [5, 9]).tolist()
-    assert (
-        plan.apply_penalties,
-        plan.apply_temperature,
-        plan.apply_top_k,
-        plan.apply_top_p,
-        plan.apply_min_p,
-    ) == (
-        False,
-        True,
-        True,
-        False,
-        False,
-    )
-    assert plan.num_logprobs == 10  # clamped to the vocabulary
-    greedy = sampling_plan(
-        [0.0],
-        [0],
-        [0],
-        vocab_size=10,
-        all_greedy=True,
-        no_penalties=False,
-        no_top_k=False,
-        no_top_p=False,
-        no_min_p=False,
-        max_num_logprobs=-1,
-    )
-    assert greedy.random_rows == [] and greedy.apply_penalties and not greedy.apply_top_k
-    assert greedy.num_logprobs == -1

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from xllm.backends.ascend import op_mapping, torch_ops
+from xllm.backends.ascend import op_mapping
 from xllm.backends.ascend import probe as probe_mod
 from xllm.backends.ascend.acl import AclRuntime, AclXTensor, torch_npu_tensor_factory
 from xllm.backends.ascend.faults import is_fatal_npu_error
@@ -31,11 +31,10 @@ from xllm.backends.ascend.runtime import (
 )
 from xllm.backends.ascend.translation import (
     FiaArgs,
-    SamplingPlan,
     fia_args,
-    sampling_plan,
     split_by_kind,
 )
+from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
 from xllm.hal.comm import Communicator
 from xllm.hal.errors import NotSupportedError
@@ -225,25 +224,15 @@ class AscendBackend(Backend):
             self._masks[device] = op_mapping.causal_mask(device)
         return self._masks[device]
 
-    def _plan(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SamplingPlan:
-        return sampling_plan(
-            sampling.temperature,
-            sampling.seeds,
-            sampling.steps,
-            vocab_size=logits.shape[1],
-            all_greedy=sampling.all_greedy,
-            no_penalties=sampling.no_penalties,
-            no_top_k=sampling.no_top_k,
-            no_top_p=sampling.no_top_p,
-            no_min_p=sampling.no_min_p,
-            max_num_logprobs=sampling.max_num_logprobs,
-        )
+    # Sampling is the HAL's reference (xllm.hal.sampling_ops), run with torch ops on the NPU:
+    # torch_npu has no fused operator with the contract's penalty/top-k/top-p/min-p semantics,
+    # and the host-drawn uniforms make the NPU pick the CPU reference's tokens.
 
     def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
-        return torch_ops.processed_logits(logits, sampling, self._plan(logits, sampling))
+        return sampling_ops.processed_logits(logits, sampling)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata) -> SampleOutput:
-        return torch_ops.sample(logits, sampling, self._plan(logits, sampling))
+        return sampling_ops.sample(logits, sampling)
 
     # ------------------------------------------------------------------ memory
 

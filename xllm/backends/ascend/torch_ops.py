@@ -7,18 +7,15 @@ so the same code runs on the NPU and is unit-tested on the CPU here:
   actual-length lists are host values baked into an ACL graph at capture; this path reads
   ``seq_lens`` / ``query_start_loc`` as device tensors, so a captured graph stays correct.
 - `rotary_cos_sin`: the per-token cos/sin tensors `npu_rotary_mul` multiplies by.
-- `processed_logits` / `sample`: the HAL's reference logits processing and inverse-CDF sampling
-  (`xllm.hal.sampling_ops`) run on the device with the plan's host-drawn uniforms (torch_npu has
-  no fused op with the HAL's penalty/top-k/top-p/min-p semantics).
+
+Sampling is not here: the backend runs the HAL's reference (`xllm.hal.sampling_ops`) directly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from xllm.backends.ascend.translation import SamplingPlan
-from xllm.hal import sampling_ops
-from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
+from xllm.hal.metadata import AttentionMetadata
 
 # ---------------------------------------------------------------------------- rotary
 
@@ -138,19 +135,3 @@ def paged_attention(
         run_max = new_max
     out = acc / run_sum.permute(0, 3, 1, 2).unsqueeze(-1)
     return out.reshape(num_seqs, max_q, num_heads, head_dim)[seq_of, row_of].to(q.dtype)
-
-
-# ---------------------------------------------------------------------------- sampling
-
-
-def processed_logits(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> torch.Tensor:
-    """The HAL's reference processing, run with torch ops on the NPU (the plan's switches are the
-    metadata's host summaries, which the reference reads itself)."""
-    return sampling_ops.processed_logits(logits, sm)
-
-
-def sample(logits: torch.Tensor, sm: SamplingMetadata, plan: SamplingPlan) -> SampleOutput:
-    """The HAL's reference sampling on the NPU, with the plan's host-drawn uniforms: one float per
-    random row crosses to the device and the inverse CDF picks the CPU reference's token."""
-    uniforms = torch.tensor(plan.uniforms, dtype=torch.float64)
-    return sampling_ops.sample(logits, sm, sampling_ops.RandomDraws(plan.random_rows, uniforms))

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from xllm.hal.sampling_ops import row_seed, row_uniforms
-
 # FIA's "no limit" value for pre_tokens / next_tokens (INT32_MAX), as in the operator signature.
 FIA_NO_LIMIT = 2147483647
 # Side of the compressed causal mask that sparse modes 2/3/4 take (the operator expands it).
@@ -196,56 +194,3 @@ def blocks_touched(seq_len: int, block_size: int, block_row: Sequence[int] | tor
     """Physical blocks holding tokens ``0..seq_len-1`` of one sequence (what FIA will read)."""
     row = _as_list(block_row)
     return row[: -(-seq_len // block_size)]
-
-
-# ---------------------------------------------------------------------------- sampling
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingPlan:
-    """Host decisions for one batch, taken once from SamplingMetadata's host summaries."""
-
-    apply_penalties: bool
-    apply_temperature: bool
-    apply_top_k: bool
-    apply_top_p: bool
-    apply_min_p: bool
-    random_rows: list[int]  # rows drawn with a seeded generator (temperature > 0)
-    row_seeds: list[int]  # one generator seed per random row, from row_seed(seed, step)
-    # One U[0, 1) draw per random row, drawn on the host as every backend draws it (the HAL's
-    # row_uniforms): one float per row crosses to the NPU and the NPU's own RNG is never used.
-    uniforms: list[float]
-    num_logprobs: int  # -1: none; else the number of top logprobs per row (clamped to vocab)
-
-
-def sampling_plan(
-    temperature: Sequence[float] | torch.Tensor,
-    seeds: Sequence[int] | torch.Tensor,
-    steps: Sequence[int] | torch.Tensor,
-    *,
-    vocab_size: int,
-    all_greedy: bool,
-    no_penalties: bool,
-    no_top_k: bool,
-    no_top_p: bool,
-    no_min_p: bool,
-    max_num_logprobs: int,
-) -> SamplingPlan:
-    temps = [
-        float(t) for t in (temperature.tolist() if isinstance(temperature, torch.Tensor) else temperature)
-    ]
-    seed_list, step_list = _as_list(seeds), _as_list(steps)
-    rows = [] if all_greedy else [i for i, t in enumerate(temps) if t > 0]
-    seeds_ = [row_seed(seed_list[i], step_list[i]) for i in rows]
-    uniforms = row_uniforms([seed_list[i] for i in rows], [step_list[i] for i in rows])
-    return SamplingPlan(
-        apply_penalties=not no_penalties,
-        apply_temperature=not all_greedy,
-        apply_top_k=not all_greedy and not no_top_k,
-        apply_top_p=not all_greedy and not no_top_p,
-        apply_min_p=not all_greedy and not no_min_p,
-        random_rows=rows,
-        row_seeds=seeds_,
-        uniforms=uniforms.tolist(),
-        num_logprobs=-1 if max_num_logprobs < 0 else min(max_num_logprobs, vocab_size),
-    )
