@@ -189,7 +189,9 @@ def test_lengths_come_from_the_host_copies(cpu, case):
     q, k, v, kc, vc, md = build_batch(cpu, seq_lens, query_lens, nh, nkv, sliding_window=window)
     want = cpu.attention(q, k, v, kc, vc, md)
     guarded = device_only(
-        dataclasses.replace(md, query_start_loc_host=md.query_start_loc.tolist(), seq_lens_host=list(seq_lens))
+        dataclasses.replace(
+            md, query_start_loc_host=md.query_start_loc.tolist(), seq_lens_host=list(seq_lens)
+        )
     )
     got = plain(cpu.attention(q, k, v, kc, vc, guarded))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
