@@ -552,6 +552,7 @@ ENGINE_CLIENT_MEMBERS = {
     "generate",
     "abort",
     "stats",
+    "cached_block_digests",
     "default_sampling_params",
     "add_dead_callback",
     "shutdown",
@@ -586,6 +587,9 @@ class ProtocolOnlyEngine:
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
+
+    def cached_block_digests(self, limit: int) -> list[bytes]:
+        return self._engine.cached_block_digests(limit)
 
     def default_sampling_params(self) -> SamplingParams:
         return self._engine.default_sampling_params()

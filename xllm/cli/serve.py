@@ -27,6 +27,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seconds SIGTERM waits for in-flight requests before aborting them",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    c = p.add_argument_group("cluster", "membership in an xllm cluster (see xllm.cluster.instance)")
+    c.add_argument(
+        "--role",
+        default="mixed",
+        choices=["mixed", "prefill", "decode"],
+        help="the instance's role in a cluster (default: mixed; prefill and decode are not served yet)",
+    )
+    c.add_argument(
+        "--registry",
+        default=None,
+        metavar="URL",
+        help="register in this cluster registry (etcd://HOST:PORT, or a router's http://HOST:PORT) "
+        "and publish load every second (default: register nowhere)",
+    )
+    c.add_argument(
+        "--advertise-url",
+        default=None,
+        metavar="URL",
+        help="URL routers reach this server at (default: http://HOST:PORT)",
+    )
+    c.add_argument("--instance-id", default=None, help="name in the registry (default: <hostname>-<port>)")
     add_engine_arguments(p)
     p.set_defaults(func=run)
 
@@ -40,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--shutdown-timeout must be >= 0")
     if args.max_consecutive_step_failures < 1:
         raise CLIError("--max-consecutive-step-failures must be >= 1")
+    if args.role != "mixed":
+        raise CLIError(
+            f"--role {args.role} is not served yet (prefill/decode disaggregation is not implemented); use --role mixed"
+        )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -57,4 +82,21 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         engine_kwargs=kwargs,
     )
-    return serve(config, host=args.host, port=args.port, log_level=args.log_level)
+    hooks = []
+    if args.registry:
+        import os
+
+        from xllm.cluster.instance import RegistryHook, default_advertise_url, default_instance_id
+        from xllm.cluster.registry import Role
+
+        hooks.append(
+            RegistryHook(
+                args.registry,
+                role=Role(args.role),
+                advertise_url=args.advertise_url or default_advertise_url(args.host, args.port),
+                instance_id=args.instance_id or default_instance_id(args.port),
+                backend=str(kwargs.get("backend") or os.environ.get("XLLM_BACKEND") or "auto"),
+                block_size=kwargs["block_size"],
+            )
+        )
+    return serve(config, host=args.host, port=args.port, log_level=args.log_level, hooks=hooks)

@@ -76,6 +76,16 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def cached_block_digests(self, limit: int) -> list[bytes]:
+        """Digests of the prefix cache's blocks, most recently used first, at most `limit`.
+
+        Read from the caller's thread rather than through the command queue, like `stats()`:
+        `KVCacheManager.cached_block_digests` copies the engine's dicts with single C calls that
+        the GIL keeps whole, so a step running on the engine thread cannot tear them; what comes
+        back may be a step old, which is all a load report needs.
+        """
+        return self.engine.cached_block_digests(limit)
+
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 

@@ -113,6 +113,28 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def cached_block_digests(self, limit: int) -> list[BlockHash]:
+        """Up to `limit` digests of the prefix cache's blocks, most recently used first: blocks in
+        use, then free ones from the most recently freed (the last to be evicted) on.
+
+        Called from threads other than the engine's (the cluster's load report): it reads only
+        snapshots, `list(dict)` and `dict.items()` copies made by one C call each, which CPython's
+        GIL runs without interleaving the engine thread (keys are bytes and ints, whose hashing
+        and comparison run no Python code). The two snapshots may be a step apart; the result is
+        a hint for routing, not an invariant.
+        """
+        if limit <= 0:
+            return []
+        cached = list(self.cached_blocks.items())
+        free_order = {block_id: rank for rank, block_id in enumerate(list(self.free_blocks))}
+        in_use = len(free_order)  # ranks past every free block's: in use is most recent
+
+        def recency(item: tuple[BlockHash, int]) -> int:
+            return free_order.get(item[1], in_use)
+
+        cached.sort(key=recency, reverse=True)
+        return [digest for digest, _ in cached[:limit]]
+
     # ------------------------------------------------------------------ allocation
 
     def match_prefix(self, seq: Sequence) -> int:

@@ -448,6 +448,11 @@ class LLMEngine:
             num_failed_steps=self.faults.total,
         )
 
+    def cached_block_digests(self, limit: int) -> list[bytes]:
+        """Digests of the prefix cache's full blocks, most recently used first (see
+        `KVCacheManager.cached_block_digests`, safe to call from another thread)."""
+        return self.kv_cache.cached_block_digests(limit)
+
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for source in (

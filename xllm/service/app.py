@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -50,7 +50,7 @@ from xllm.service.protocol import (
     stream_response,
     tailor_openapi,
 )
-from xllm.service.serving import RequestContext, Serving, new_request_id
+from xllm.service.serving import PRIORITY_HEADER, RequestContext, Serving, new_request_id, request_priority
 
 T = TypeVar("T")
 logger = logging.getLogger("xllm.service")
@@ -73,6 +73,22 @@ class ServerConfig:
     max_queue: int | None = None
     shutdown_timeout_s: float = 30.0
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class ServerHook(Protocol):
+    """Something that follows the server's life, e.g. the cluster's registration
+    (`xllm.cluster.instance.RegistryHook`); `serve(..., hooks=[...])` installs them. Each runs on
+    the event loop and must not hold it: slow work belongs in a task of its own. Their errors are
+    logged, never raised into the server."""
+
+    async def on_ready(self, state: ServerState) -> None:
+        """The model is loaded and requests are served."""
+
+    async def on_drain(self, state: ServerState) -> None:
+        """SIGTERM: the drain starts (before in-flight requests are waited for)."""
+
+    async def on_shutdown(self, state: ServerState) -> None:
+        """The app is stopping (after a drain, or at once on SIGINT or a failure)."""
 
 
 class Phase(enum.Enum):
@@ -101,6 +117,15 @@ class ServerState:
         # Set (on the event loop) when the engine dies after loading; `serve()` then exits with 1.
         self.engine_dead_error: BaseException | None = None
         self.on_engine_dead: Callable[[BaseException], None] | None = None
+        self.hooks: list[ServerHook] = []
+        self.hook_tasks: set[asyncio.Task] = set()  # running on_ready calls (kept from the GC)
+
+    async def run_hooks(self, event: str) -> None:
+        for hook in self.hooks:
+            try:
+                await getattr(hook, event)(self)
+            except Exception:
+                logger.exception("server hook %r failed in %s", hook, event)
 
     def ready(self, engine: EngineClient) -> None:
         self.engine = engine
@@ -131,6 +156,7 @@ class ServerState:
         """Stop taking requests, let in-flight ones finish for up to `timeout_s`, then abort the rest."""
         if self.phase is not Phase.FAILED:
             self.phase = Phase.DRAINING
+        await self.run_hooks("on_drain")  # e.g. leave the cluster, so no new work is routed here
         deadline = time.monotonic() + timeout_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -320,6 +346,10 @@ def create_app(
             state.ready(engine)
             logger.info("model %s ready", state.model_name)
             engine.add_dead_callback(engine_died)
+            if state.hooks:
+                task = loop.create_task(state.run_hooks("on_ready"))
+                state.hook_tasks.add(task)
+                task.add_done_callback(state.hook_tasks.discard)
 
         def engine_died(exc: BaseException) -> None:
             # Runs on the engine's thread; the state is only written on the event loop. A borrowed
@@ -347,6 +377,9 @@ def create_app(
         try:
             yield
         finally:
+            for task in list(state.hook_tasks):
+                task.cancel()
+            await state.run_hooks("on_shutdown")
             if state.engine is not None and owns_engine:
                 try:
                     await state.engine.shutdown()
@@ -408,6 +441,7 @@ def create_app(
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
+        ctx.priority = request_priority(body, request.headers.get(PRIORITY_HEADER))
         return await respond(request, serving().completions(body, ctx))
 
     @app.post(
@@ -417,6 +451,7 @@ def create_app(
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ctx: RequestContext = request.state.ctx
+        ctx.priority = request_priority(body, request.headers.get(PRIORITY_HEADER))
         return await respond(request, serving().chat(body, ctx))
 
     # Anthropic's Messages API; its route class answers its errors in Anthropic's shape.

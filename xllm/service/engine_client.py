@@ -74,6 +74,11 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats:
         """Queue, KV-cache and token counters, read per request (--max-queue) and per scrape."""
 
+    def cached_block_digests(self, limit: int) -> list[bytes]:
+        """Up to `limit` SHA-256 digests of the full KV blocks in the prefix cache, most recently
+        used first (`xllm.engine.kv_cache_manager.chain_hash`); a cluster instance publishes them
+        for cache-aware routing. An engine without a prefix cache returns []."""
+
     def default_sampling_params(self) -> SamplingParams:
         """The model's generation_config.json defaults, for fields a request leaves unset."""
 
@@ -105,6 +110,7 @@ class SubRequest:
     params: SamplingParams
     choice_base: int
     finished: bool = False
+    priority: int = 0  # the engine's scheduling class: lower runs first (Priority.ONLINE = 0)
 
 
 @dataclass(slots=True)
@@ -147,7 +153,7 @@ class EngineRun:
             prompt: dict[str, Any] = {"prompt_token_ids": sub.prompt_ids}
             if sub.prompt_text is not None:
                 prompt["prompt"] = sub.prompt_text
-            async for out in self.engine.generate(prompt, sub.params, sub.engine_request_id):
+            async for out in self.engine.generate(prompt, sub.params, sub.engine_request_id, sub.priority):
                 await self._queue.put((i, out, None))
         except BaseException as exc:  # handed to the consumer, which decides the HTTP status
             await self._queue.put((i, None, exc))

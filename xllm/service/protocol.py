@@ -126,6 +126,15 @@ class SamplingFields(OpenAIRequestModel):
     include_stop_str_in_output: bool = False
     # vLLM's prefix-cache isolation: requests with different salts never share cached KV blocks.
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    # vLLM's scheduling priority: lower runs first, and the scheduler preempts the highest value
+    # first when KV blocks run out. xllm's classes are 0 = online (the default), 1 = offline.
+    # Unset here, the X-Priority header decides (see `serving.request_priority`).
+    priority: int = Field(
+        0,
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="Lower runs first: 0 online (default), 1 offline (preempted for online work).",
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -20,11 +20,12 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
 
-from xllm.service.app import ServerConfig, ServerState, create_app
+from xllm.service.app import ServerConfig, ServerHook, ServerState, create_app
 
 logger = logging.getLogger("xllm.service")
 
@@ -85,10 +86,17 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+def serve(
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    hooks: Sequence[ServerHook] = (),
+) -> int:
     """Serve until SIGTERM (drained, returns 0) or SIGINT; returns 1 if the model failed to load
-    or the engine died."""
+    or the engine died. `hooks` follow the server's life (see `ServerHook`)."""
     state = ServerState(config)
+    state.hooks.extend(hooks)
     app = create_app(config, state=state)
     uv_config = uvicorn.Config(
         app,

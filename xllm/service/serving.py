@@ -94,6 +94,26 @@ class RequestContext:
     completion_tokens: int = 0
     first_token_s: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
+    priority: int = 0  # the engine's scheduling priority (see `request_priority`)
+
+
+PRIORITY_HEADER = "x-priority"
+
+
+def request_priority(req: SamplingFields, header: str | None) -> int:
+    """The request's scheduling priority: the body's `priority` when it sets one, else the
+    X-Priority header (for clients that cannot add body fields), else 0 (online). Lower runs
+    first; the engine's classes are `Priority.ONLINE` = 0 and `Priority.OFFLINE` = 1."""
+    if "priority" in req.model_fields_set or header is None:
+        return req.priority
+    text = header.strip()
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or not -(2**31) <= value < 2**31 or text.startswith("+"):
+        raise bad_request(f"X-Priority must be an integer, got {header!r}", param="priority")
+    return value
 
 
 def _clamp(lp: float) -> float:
@@ -234,6 +254,7 @@ class Serving:
         max_tokens: list[int],
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        priority: int = 0,
     ) -> list[SubRequest]:
         """One engine request per prompt; prompt p's `n` choices are the response's p*n .. p*n+n-1."""
         return [
@@ -243,6 +264,7 @@ class Serving:
                 text,
                 self._sampling(req, max_tokens[p], logprobs, prompt_logprobs),
                 choice_base=p * req.n,
+                priority=priority,
             )
             for p, (text, ids) in enumerate(prompts)
         ]
@@ -336,17 +358,7 @@ class Serving:
 
     def templated_prompt(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
         """(text, ids) of `messages` under the chat template; /v1/messages builds its prompt here too."""
-        kwargs: dict[str, Any] = {}
-        if self.tokenizer.chat_template is None:
-            kwargs["chat_template"] = FALLBACK_CHAT_TEMPLATE
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **kwargs
-            )
-        except Exception as exc:  # jinja raises for e.g. roles the template does not accept
-            raise bad_request(
-                f"The messages do not fit the model's chat template: {exc}", param="messages"
-            ) from exc
+        text = chat_prompt_text(self.tokenizer, messages)
         # The template already carries BOS and friends; adding special tokens again would double them.
         ids = self._check_ids(self._tokenize(text, add_special_tokens=False, param="messages"), "messages")
         return text, ids
@@ -366,7 +378,9 @@ class Serving:
         ctx.prompt_tokens = sum(len(ids) for _, ids in prompts)
         prompt_logprobs = req.logprobs if req.echo else None
         deltas = await self.start(
-            self.sub_requests(ctx.request_id, prompts, req, max_tokens, req.logprobs, prompt_logprobs)
+            self.sub_requests(
+                ctx.request_id, prompts, req, max_tokens, req.logprobs, prompt_logprobs, ctx.priority
+            )
         )
         offsets: dict[int, int] = {}  # per choice: where its next token starts in its text
 
@@ -416,7 +430,9 @@ class Serving:
         self.check_queue()
         ctx.prompt_tokens = len(ids)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        deltas = await self.start(self.sub_requests(ctx.request_id, [(text, ids)], req, [max_tokens], top_n))
+        deltas = await self.start(
+            self.sub_requests(ctx.request_id, [(text, ids)], req, [max_tokens], top_n, priority=ctx.priority)
+        )
 
         def logprobs(d: ChoiceDelta) -> ChatChoiceLogProbs | None:
             return None if top_n is None else self.chat_logprobs(d.token_ids, d.logprobs, top_n)
@@ -544,6 +560,20 @@ class Serving:
             completion_tokens=ctx.completion_tokens,
             total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
         )
+
+
+def chat_prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """`messages` rendered by the tokenizer's chat template (or `FALLBACK_CHAT_TEMPLATE`), with
+    the generation prompt; needs no engine, so the cluster router tokenizes chats the same way."""
+    kwargs: dict[str, Any] = {}
+    if tokenizer.chat_template is None:
+        kwargs["chat_template"] = FALLBACK_CHAT_TEMPLATE
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception as exc:  # jinja raises for e.g. roles the template does not accept
+        raise bad_request(
+            f"The messages do not fit the model's chat template: {exc}", param="messages"
+        ) from exc
 
 
 def new_request_id(prefix: str) -> str:
