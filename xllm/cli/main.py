@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "xllm.cli.generate",
     "xllm.cli.make_model",
     "xllm.cli.serve",
+    "xllm.cli.router",
     "xllm.cli.bench",
 )
 

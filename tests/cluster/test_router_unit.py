@@ -1,0 +1,158 @@
+"""The router against fake instances (tiny FastAPI apps): re-dispatch, error pass-through,
+staleness, drain and metrics, without loading a model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from router_helpers import AppServer, MemoryRegistry, RouterServer, free_port
+
+from xllm.cluster.policies import STALE_LOAD_S
+from xllm.cluster.registry import InstanceInfo, InstanceLoad, Role
+from xllm.cluster.router import INSTANCE_HEADER
+
+
+def fake_instance(name: str, status: int = 200, break_stream: bool = False) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(body: dict) -> object:
+        if status != 200:
+            error = {"message": f"{name} is draining", "type": "x", "param": None, "code": "draining"}
+            return JSONResponse({"error": error}, status_code=status, headers={"Retry-After": "5"})
+        if body.get("stream"):
+
+            async def events():
+                yield b'data: {"who": "%s"}\n\n' % name.encode()
+                await asyncio.sleep(0.05)
+                if break_stream:
+                    raise RuntimeError("instance crashed mid-stream")
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return JSONResponse({"who": name, "echo": body}, status_code=201)
+
+    return app
+
+
+@pytest.fixture
+def setup():
+    registry = MemoryRegistry()
+    servers: list[AppServer] = []
+
+    def add(name: str, url: str | None = None, age_s: float = 0.0, **kwargs) -> None:
+        if url is None:
+            server = AppServer(fake_instance(name, **kwargs))
+            servers.append(server)
+            url = server.url
+        info = InstanceInfo(name, Role.MIXED, url, "m", "cpu", 8, 16)
+        asyncio.run(registry.register(info))
+        asyncio.run(registry.publish_load(name, InstanceLoad(updated_at=time.time() - age_s)))
+
+    def router(policy: str = "round_robin") -> RouterServer:
+        r = RouterServer(registry, policy)
+        servers.append(r)
+        return r
+
+    yield add, router
+    for s in servers:
+        s.stop()
+
+
+def post(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body}, timeout=10)
+
+
+def test_json_is_relayed_as_is_with_its_status(setup):
+    add, router = setup
+    add("a")
+    r = router()
+    resp = post(r.url, seed=7)
+    assert resp.status_code == 201
+    assert resp.json() == {"who": "a", "echo": {"prompt": "hi", "max_tokens": 2, "seed": 7}}
+    assert resp.headers[INSTANCE_HEADER] == "a"
+
+
+def test_bad_request_is_refused_by_the_router_itself(setup):
+    _, router = setup
+    r = router()  # no instance at all: validation comes first
+    resp = httpx.post(f"{r.url}/v1/completions", json={"prompt": "hi", "temperature": "hot"})
+    assert resp.status_code == 400
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert resp.json()["error"]["param"] == "temperature"
+
+
+def test_unreachable_and_unavailable_instances_are_replaced(setup):
+    add, router = setup
+    add("a", url=f"http://127.0.0.1:{free_port()}")  # nobody listens there
+    add("b", status=503)
+    add("c")
+    r = router()
+    for _ in range(3):
+        resp = post(r.url)
+        assert resp.status_code == 201 and resp.json()["who"] == "c"
+    metrics = httpx.get(f"{r.url}/metrics").text
+    assert 'xllm:router_requests_redispatched_total{instance="a"} 1.0' in metrics
+    assert 'xllm:router_requests_redispatched_total{instance="b"}' in metrics
+    assert 'xllm:router_requests_routed_total{instance="c"} 3.0' in metrics
+    statuses = {i["id"]: i["status"] for i in httpx.get(f"{r.url}/cluster/instances").json()}
+    assert statuses == {"a": "dead", "b": "up", "c": "up"}  # a failed connection marks it dead
+
+
+def test_every_instance_unavailable_passes_the_last_503_on(setup):
+    add, router = setup
+    add("a", status=503)
+    r = router()
+    resp = post(r.url)
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
+    assert resp.json()["error"]["message"] == "a is draining"
+
+
+def test_no_instance_left_is_a_503_openai_error(setup):
+    add, router = setup
+    add("stale", age_s=STALE_LOAD_S + 5)
+    r = router()
+    assert httpx.get(f"{r.url}/cluster/instances").json()[0]["status"] == "dead"
+    resp = post(r.url)
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "no_instance"
+    assert httpx.get(f"{r.url}/health").status_code == 503
+
+
+def test_a_broken_stream_ends_without_done_and_is_counted(setup):
+    add, router = setup
+    add("a", break_stream=True)
+    r = router()
+    with httpx.stream("POST", f"{r.url}/v1/completions", json={"prompt": "hi", "stream": True}) as resp:
+        assert resp.status_code == 200
+        try:
+            text = resp.read().decode()
+        except httpx.RemoteProtocolError:  # the truncated chunked body may surface as an error
+            text = ""
+    assert "[DONE]" not in text
+    deadline = time.monotonic() + 5
+    while 'xllm:router_requests_failed_total{reason="broken_stream"} 1.0' not in (
+        metrics := httpx.get(f"{r.url}/metrics").text
+    ):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert r.state.placed == {"a": 0}
+
+
+def test_drain_and_instance_gauges(setup):
+    add, router = setup
+    add("a")
+    add("b")
+    r = router("least_loaded")
+    assert httpx.post(f"{r.url}/cluster/instances/a/drain").status_code == 200
+    assert all(post(r.url).json()["who"] == "b" for _ in range(3))
+    metrics = httpx.get(f"{r.url}/metrics").text
+    assert 'xllm:instance_num_requests_running{instance="a",role="mixed",status="draining"} 0.0' in metrics
+    assert 'xllm:instance_kv_cache_usage_perc{instance="b",role="mixed",status="up"} 0.0' in metrics
+    resp = httpx.post(f"{r.url}/cluster/instances/nope/drain")
+    assert resp.status_code == 404 and "nope" in resp.json()["error"]["message"]

@@ -1,0 +1,511 @@
+"""The cluster router: one OpenAI endpoint in front of many `xllm serve` instances.
+
+`create_router_app(registry, policy)` answers the same API as `xllm serve` (/v1/completions and
+/v1/chat/completions validated by the service's pydantic models, /v1/models, /health, /metrics)
+and forwards each request, unchanged, to the instance a placement policy (`policies.py`) picks;
+the instance's answer comes back as is: JSON whole, server-sent events chunk by chunk, status codes
+and error bodies preserved. The router keeps no membership of its own: a background task polls
+`registry.members()` every `POLL_INTERVAL_S`, so a restarted router rebuilds its view. An instance
+that cannot be reached (or answers 503) before any byte went to the client is replaced by another
+member (a re-dispatch); with none left the client gets a 503. `/cluster/instances` lists the view,
+and `POST /cluster/instances/{id}/drain` stops new placements on an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.background import BackgroundTask
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from xllm import __version__
+from xllm.cluster import policies
+from xllm.cluster.policies import PolicyName
+from xllm.cluster.registry import InstanceLoad, Member, Registry, Role, Status
+from xllm.service.app import CLIENT_CLOSED_REQUEST, until_disconnected
+from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
+from xllm.service.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from xllm.service.serving import chat_prompt_text
+
+logger = logging.getLogger("xllm.cluster")
+
+POLL_INTERVAL_S = 0.5
+# Headers of an instance's response that reach the client (hop-by-hop ones and the length, which
+# the router's own framing sets, do not).
+PASSED_RESPONSE_HEADERS = ("content-type", "x-request-id", "retry-after", "cache-control", "www-authenticate")
+PASSED_REQUEST_HEADERS = ("authorization", "content-type", "x-api-key", "accept")
+INSTANCE_HEADER = "x-xllm-instance"  # which instance served the request: the recorded path
+
+
+class NoInstanceError(OpenAIError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, f"No instance can take the request: {detail}", code="no_instance")
+
+
+class RouterMetrics:
+    """The router's own counters plus a per-instance view of the latest published loads."""
+
+    def __init__(self, members: Callable[[], list[tuple[Member, Status]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.routed = Counter(
+            "xllm:router_requests_routed",
+            "Requests placed on an instance.",
+            ["instance"],
+            registry=self.registry,
+        )
+        self.redispatched = Counter(
+            "xllm:router_requests_redispatched",
+            "Placements retried on another instance (unreachable or unavailable).",
+            ["instance"],
+            registry=self.registry,
+        )
+        self.failed = Counter(
+            "xllm:router_requests_failed",
+            "Requests the router could not complete (no instance left, or the stream broke).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_InstanceCollector(members))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _InstanceCollector(Collector):
+    def __init__(self, members: Callable[[], list[tuple[Member, Status]]]) -> None:
+        self.members = members
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["instance", "role", "status"]
+        running = GaugeMetricFamily("xllm:instance_num_requests_running", "Running requests.", labels=labels)
+        waiting = GaugeMetricFamily("xllm:instance_num_requests_waiting", "Waiting requests.", labels=labels)
+        kv = GaugeMetricFamily("xllm:instance_kv_cache_usage_perc", "KV-cache usage, 0..1.", labels=labels)
+        for member, status in self.members():
+            values = [member.info.id, member.info.role.value, status.value]
+            load = member.load
+            running.add_metric(values, 0 if load is None else load.num_requests_running)
+            waiting.add_metric(values, 0 if load is None else load.num_requests_waiting)
+            kv.add_metric(values, 0.0 if load is None else load.kv_cache_usage)
+        yield from (running, waiting, kv)
+
+
+class RouterState:
+    """The router's view of the cluster and its own lifecycle (read by `DrainingServer`)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        policy: PolicyName,
+        tokenizer_path: str | None = None,
+        limits: policies.CacheAwareLimits | None = None,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.limits = limits or policies.CacheAwareLimits()
+        self.tokenizer_path = tokenizer_path
+        self.tokenizer: Any = None
+        self.members: list[Member] = []
+        self.drained: set[str] = set()  # ids the router was asked to drain; kept across polls
+        # id -> time.time() of a failed connection: dead until its load is refreshed after that.
+        self.unreachable: dict[str, float] = {}
+        # Requests this router has on each instance now. Published loads lag by up to a second,
+        # so a burst would all land on the member that looked idlest; the policies see the larger
+        # of the two counts (other routers' requests show up in the published load).
+        self.placed: dict[str, int] = {}
+        self.draining = False  # the router itself is shutting down
+        self.in_flight = 0
+        self.turn = itertools.count()
+        self.metrics = RouterMetrics(self.statuses)
+        self.client: httpx.AsyncClient | None = None
+
+    # ---- membership ----------------------------------------------------------------------------
+
+    def status(self, member: Member, now: float | None = None) -> Status:
+        status = policies.member_status(member, self.drained, now)
+        failed_at = self.unreachable.get(member.info.id)
+        if status is Status.UP and failed_at is not None:
+            if member.load is not None and member.load.updated_at > failed_at:
+                del self.unreachable[member.info.id]  # it published since: back in service
+            else:
+                return Status.DEAD
+        return status
+
+    def statuses(self) -> list[tuple[Member, Status]]:
+        now = time.time()
+        return [(m, self.status(m, now)) for m in self.members]
+
+    async def refresh(self) -> None:
+        self.members = sorted(await self.registry.members(), key=lambda m: m.info.id)
+        live = {m.info.id for m in self.members}
+        for gone in set(self.unreachable) - live:
+            del self.unreachable[gone]
+        if self.policy is PolicyName.CACHE_AWARE and self.tokenizer is None and self.tokenizer_path is None:
+            self.tokenizer_path = default_tokenizer_path(self.members)
+            if self.tokenizer_path is not None:
+                asyncio.get_running_loop().run_in_executor(None, self.load_tokenizer)
+
+    async def poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                logger.warning("reading the registry failed; keeping the last view", exc_info=True)
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    def load_tokenizer(self) -> None:
+        if self.tokenizer_path is None or self.tokenizer is not None:
+            return
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            logger.info("tokenizer for cache-aware routing: %s", self.tokenizer_path)
+        except Exception:
+            logger.warning(
+                "cannot load the tokenizer %s; placing by load only", self.tokenizer_path, exc_info=True
+            )
+
+    # ---- placement -----------------------------------------------------------------------------
+
+    def candidates(self, model: str | None, exclude: set[str]) -> list[Member]:
+        now = time.time()
+        up = [m for m in self.members if m.info.id not in exclude and self.status(m, now) is Status.UP]
+        # Whole requests go to mixed instances while there are any (prefill/decode pairs are placed
+        # by the disaggregation policy, not here).
+        up = [m for m in up if m.info.role is Role.MIXED] or up
+        serving_model = [m for m in up if m.info.model == model]
+        # A request naming a model nobody serves still goes somewhere: that instance answers the 404.
+        return [self.with_placed(m) for m in serving_model or up]
+
+    def with_placed(self, member: Member) -> Member:
+        placed = self.placed.get(member.info.id, 0)
+        load = member.load or InstanceLoad(updated_at=time.time())
+        if placed <= load.num_requests_running + load.num_requests_waiting:
+            return member
+        return Member(member.info, replace(load, num_requests_running=placed - load.num_requests_waiting))
+
+    def place(self, instance_id: str, delta: int) -> None:
+        self.placed[instance_id] = self.placed.get(instance_id, 0) + delta
+
+    def choose(
+        self, members: list[Member], token_ids: list[int] | None, cache_salt: str | None
+    ) -> Member | None:
+        if self.policy is PolicyName.ROUND_ROBIN:
+            return policies.round_robin(members, next(self.turn))
+        if self.policy is PolicyName.LEAST_LOADED:
+            return policies.least_loaded(members)
+        return policies.cache_aware(members, token_ids, cache_salt, self.limits)
+
+    def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int] | None:
+        """The (first) prompt's token ids as the instance will see them, for cache-aware placement;
+        None when they cannot be known here (no tokenizer): the instance validates the prompt."""
+        if self.policy is not PolicyName.CACHE_AWARE:
+            return None
+        if isinstance(body, CompletionRequest):
+            prompt: Any = body.prompt
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, list):
+                return list(prompt)
+            text, special = prompt, True
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text, special = None, False
+        if self.tokenizer is None:
+            return None
+        try:
+            if text is None:
+                text = chat_prompt_text(self.tokenizer, messages)
+            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        except Exception:  # the instance reports a bad prompt; placement just loses the cache hint
+            logger.debug("tokenizing for placement failed", exc_info=True)
+            return None
+
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM (via `DrainingServer`): refuse new requests, let in-flight ones finish."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def default_tokenizer_path(members: Sequence[Member]) -> str | None:
+    """The first member's model, when it names a checkpoint directory on this host."""
+    if members and Path(members[0].info.model).is_dir():
+        return members[0].info.model
+    return None
+
+
+class RouterMiddleware:
+    """Counts in-flight /v1 requests for the drain, refuses them while draining, last-resort 500."""
+
+    def __init__(self, app: ASGIApp, state: RouterState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.state.in_flight += 1
+        try:
+            if self.state.draining:
+                refusal = OpenAIError(
+                    503, "The router is shutting down and accepts no new requests.", code="draining"
+                )
+                await refusal.response()(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        except Exception:
+            logger.exception("request %s failed", scope.get("path"))
+            if not started:
+                await internal_error().response()(scope, receive, send_wrapper)
+        finally:
+            self.state.in_flight -= 1
+
+
+async def forward(
+    state: RouterState,
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+) -> Response:
+    """Place the request and relay the chosen instance's answer; re-dispatch while nothing was sent."""
+    assert state.client is not None, "the router's lifespan creates the HTTP client"
+    raw = await request.body()  # forwarded byte for byte: the instance validates it the same way
+    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
+    # Templating and tokenizing a long prompt takes milliseconds: off the event loop.
+    token_ids = None
+    if state.policy is PolicyName.CACHE_AWARE and state.tokenizer is not None:
+        token_ids = await asyncio.to_thread(state.prompt_ids, body)
+    tried: set[str] = set()
+    last_unavailable: httpx.Response | None = None
+    failed_on: str | None = None  # the instance whose placement is being retried
+    while True:
+        member = state.choose(state.candidates(body.model, tried), token_ids, body.cache_salt)
+        if member is None:
+            break
+        if failed_on is not None:
+            state.metrics.redispatched.labels(failed_on).inc()
+        tried.add(member.info.id)
+        state.place(member.info.id, 1)
+        url = member.info.url.rstrip("/") + request.url.path
+        upstream = state.client.build_request("POST", url, content=raw, headers=headers)
+        try:
+            # A client that leaves while the instance works (a whole response comes only at the
+            # end) cancels the upstream request, and the closed connection aborts it there.
+            resp = await until_disconnected(request, state.client.send(upstream, stream=True))
+        except httpx.TransportError as exc:
+            # Nothing reached the client yet, so another instance can take the request whole.
+            logger.warning("instance %s unreachable (%s); re-dispatching", member.info.id, type(exc).__name__)
+            state.unreachable[member.info.id] = time.time()
+            state.place(member.info.id, -1)
+            failed_on = member.info.id
+            continue
+        if resp is None:
+            state.place(member.info.id, -1)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if resp.status_code == 503:  # loading, draining or engine dead: someone else may serve it
+            if last_unavailable is not None:
+                await last_unavailable.aclose()
+            await resp.aread()
+            last_unavailable = resp
+            state.place(member.info.id, -1)
+            failed_on = member.info.id
+            continue
+        if last_unavailable is not None:
+            await last_unavailable.aclose()
+        state.metrics.routed.labels(member.info.id).inc()
+        # The request's path, decided once (a re-dispatch shows as a later line with attempt > 1).
+        logger.info(
+            "%s %s -> %s (policy %s, attempt %d)",
+            resp.headers.get("x-request-id", "-"),  # the instance's id, as in its access log
+            request.url.path,
+            member.info.id,
+            state.policy.value,
+            len(tried),
+        )
+        return relay(state, resp, member)
+    if last_unavailable is not None:  # every instance said 503: the client gets the last one's words
+        state.metrics.failed.labels("unavailable").inc()
+        return Response(
+            last_unavailable.content,
+            status_code=503,
+            headers=passed_headers(last_unavailable),
+        )
+    state.metrics.failed.labels("no_instance").inc()
+    detail = "every instance tried was unreachable" if tried else "no instance is up"
+    raise NoInstanceError(f"{detail}; retry shortly.")
+
+
+def passed_headers(resp: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
+
+
+def relay(state: RouterState, resp: httpx.Response, member: Member) -> Response:
+    """The instance's response as the client's: its bytes as they arrive (SSE chunk by chunk)."""
+    headers = {**passed_headers(resp), INSTANCE_HEADER: member.info.id}
+    done = False
+
+    async def finish() -> None:
+        # Runs from the body's end and from the background task, whichever comes first (a
+        # client that disconnects may skip either one).
+        nonlocal done
+        if not done:
+            done = True
+            state.place(member.info.id, -1)
+            await resp.aclose()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        except httpx.TransportError:
+            # The instance died mid-answer; the client sees a truncated stream (no [DONE]).
+            logger.warning("instance %s broke off a response", member.info.id)
+            state.metrics.failed.labels("broken_stream").inc()
+        finally:
+            await finish()
+
+    return StreamingResponse(
+        body(), status_code=resp.status_code, headers=headers, background=BackgroundTask(finish)
+    )
+
+
+def embedded_registry_router(registry: Registry) -> APIRouter | None:
+    """The embedded registry's HTTP API (instances register through it), when `registry` is one."""
+    try:
+        module = importlib.import_module("xllm.cluster.embedded_registry")
+    except ModuleNotFoundError:
+        return None
+    if not isinstance(registry, getattr(module, "EmbeddedRegistry", ())):
+        return None
+    return module.registry_api(registry)
+
+
+def create_router_app(
+    registry: Registry,
+    policy: str | PolicyName = PolicyName.CACHE_AWARE,
+    *,
+    tokenizer_path: str | None = None,
+    limits: policies.CacheAwareLimits | None = None,
+    extra_routers: Sequence[APIRouter] = (),
+    state: RouterState | None = None,
+    close_registry: bool = False,
+) -> FastAPI:
+    """The router app; `extra_routers` are included as they are (each carries its own prefix).
+
+    An `EmbeddedRegistry` gets its HTTP API mounted at /cluster/registry/. `close_registry`: the
+    app owns the registry and closes it at shutdown.
+    """
+    state = state or RouterState(registry, PolicyName(policy), tokenizer_path, limits)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # No read timeout: a long generation streams for as long as it takes.
+        state.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=None)
+        )
+        if state.tokenizer_path is not None and state.policy is PolicyName.CACHE_AWARE:
+            await asyncio.get_running_loop().run_in_executor(None, state.load_tokenizer)
+        with contextlib.suppress(Exception):
+            await state.refresh()
+        poller = asyncio.create_task(state.poll())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await state.client.aclose()
+            if close_registry:
+                await registry.close()
+
+    app = FastAPI(title="xllm cluster router", version=__version__, lifespan=lifespan)
+    app.state.router = state
+    install_error_handlers(app)
+    app.add_middleware(RouterMiddleware, state=state)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.draining:
+            return OpenAIError(503, "The router is shutting down.", code="draining").response()
+        up = sum(status is Status.UP for _, status in state.statuses())
+        if not up:
+            return NoInstanceError("no instance is up").response()
+        return JSONResponse({"status": "ok", "instances_up": up})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        names = sorted({m.info.model for m, status in state.statuses() if status is Status.UP})
+        return ModelList(data=[ModelCard(id=name) for name in names])
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await forward(state, request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await forward(state, request, body)
+
+    @app.get("/cluster/instances")
+    async def instances() -> list[dict[str, Any]]:
+        return [
+            {
+                "id": m.info.id,
+                "role": m.info.role.value,
+                "url": m.info.url,
+                "model": m.info.model,
+                "status": status.value,
+                "num_requests_running": 0 if m.load is None else m.load.num_requests_running,
+                "num_requests_waiting": 0 if m.load is None else m.load.num_requests_waiting,
+                "kv_cache_usage": 0.0 if m.load is None else m.load.kv_cache_usage,
+                "pid": m.info.pid,
+            }
+            for m, status in state.statuses()
+        ]
+
+    @app.post("/cluster/instances/{instance_id}/drain")
+    async def drain(instance_id: str) -> dict[str, Any]:
+        if instance_id not in {m.info.id for m in state.members}:
+            raise OpenAIError(404, f"No instance {instance_id!r} is registered.", param="instance_id")
+        state.drained.add(instance_id)
+        logger.info("instance %s drained: no new placements", instance_id)
+        return {"id": instance_id, "status": Status.DRAINING.value}
+
+    embedded = embedded_registry_router(registry)
+    if embedded is not None:  # it carries its prefix, /cluster/registry
+        app.include_router(embedded)
+    for extra in extra_routers:
+        app.include_router(extra)
+    return app
