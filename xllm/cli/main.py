@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "xllm.cli.make_model",
     "xllm.cli.serve",
     "xllm.cli.router",
+    "xllm.cli.cluster",
     "xllm.cli.bench",
 )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -233,6 +234,7 @@ class RegistryHook:
             backend=self.backend,
             capacity=engine.max_num_seqs,
             block_size=self.block_size,
+            pid=os.getpid(),
         )
         self.agent = InstanceAgent(
             registry, info, engine, lambda: state.phase is Phase.DRAINING, interval_s=self.interval_s
