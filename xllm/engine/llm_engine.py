@@ -164,7 +164,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
-        self._check_prompt(token_ids)
+        resumed = self._resumed_ids(prompt, params)
+        self._check_prompt(token_ids, len(resumed))
         remaining = self.max_model_len - len(token_ids)
         if params.max_tokens is None or params.max_tokens > remaining:
             params = params.model_copy(
@@ -201,12 +202,48 @@ class LLMEngine:
                 self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
             )
             request.seqs.append(seq)
+        if resumed:
+            self._resume(request.seqs[0], resumed)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         for sibling in request.seqs[1:]:
             sibling.status = SequenceStatus.HELD  # forked from sequence 0 once the prompt is computed
         self.prompt_tokens_total += len(token_ids)
         return request
+
+    def _resumed_ids(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
+        """A prompt dict's ``resume_token_ids``: output another engine already generated for this
+        request (the router's failover, a prefill instance's hand-off). They count as output
+        (max_tokens, min_tokens, penalties, the seeded sampler's step) and are prefilled with
+        the prompt, so the continuation is the one an uninterrupted run would produce."""
+        if not isinstance(prompt, dict) or not prompt.get("resume_token_ids"):
+            return []
+        if params.n != 1:
+            raise ValueError("resuming a request needs n = 1")
+        ids = self._validate_ids(list(prompt["resume_token_ids"]))
+        if params.max_tokens is not None and len(ids) >= params.max_tokens:
+            raise ValueError(
+                f"{len(ids)} resumed tokens leave nothing to generate under max_tokens={params.max_tokens}"
+            )
+        return ids
+
+    def _resume(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Replays resumed output tokens through the stop checks and the detokenizer (not the
+        metrics: this engine did not generate them)."""
+        params = seq.params
+        for token in token_ids:
+            seq.token_ids.append(token)
+            may_stop = seq.num_output_tokens >= params.min_tokens
+            ends = (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
+            if may_stop and ends:
+                raise ValueError("the resumed tokens already end the request (a stop or EOS token)")
+            if seq.detokenizer.add_token(token, check_stop=may_stop) is not None:
+                raise ValueError("the resumed tokens already complete a stop string")
+            if seq.logprobs is not None:
+                seq.logprobs.append({})  # not this engine's to report; the stream already did
+        if seq.num_tokens >= self.max_model_len:
+            raise ValueError("the resumed tokens already fill the context")
+        seq.text = seq.detokenizer.stable_text
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
@@ -248,18 +285,20 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return ids
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    def _check_prompt(self, token_ids: list[int], num_resumed: int = 0) -> None:
         if not token_ids:
             raise ValueError("prompt must contain at least one token")
-        if len(token_ids) > self.max_model_len:
+        total = len(token_ids) + num_resumed
+        what = f"prompt has {len(token_ids)} tokens" + (
+            f" (and {num_resumed} resumed)" if num_resumed else ""
+        )
+        if total > self.max_model_len:
             raise PromptTooLongError(
-                f"prompt has {len(token_ids)} tokens, more than the maximum context length of "
-                f"{self.max_model_len} tokens"
+                f"{what}, more than the maximum context length of {self.max_model_len} tokens"
             )
-        if self.kv_cache.blocks_needed(len(token_ids) + 1) > self.kv_cache.num_blocks:
+        if self.kv_cache.blocks_needed(total + 1) > self.kv_cache.num_blocks:
             raise PromptTooLongError(
-                f"prompt of {len(token_ids)} tokens does not fit the KV cache of "
-                f"{self.kv_cache.num_blocks * self.block_size} tokens"
+                f"{what}, which do not fit the KV cache of {self.kv_cache.num_blocks * self.block_size} tokens"
             )
 
     # ------------------------------------------------------------------ abort
