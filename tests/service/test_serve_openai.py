@@ -121,6 +121,68 @@ def test_completion_stream_equals_non_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
 
+def _sse_events(server: ServeProcess, path: str, payload: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server.base_url}{path}", json=payload, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def _piece(choice: dict) -> str:
+    return choice["text"] if "text" in choice else choice["delta"].get("content", "")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_return_token_ids_and_resume_continue_a_stream(server: ServeProcess, path: str) -> None:
+    """vLLM's return_token_ids, and the router's resume: cut a stream anywhere, resume it with
+    what was sent, and the client has exactly the uninterrupted text and tokens, once each."""
+    body = {"model": MODEL, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True}
+    body |= {"prompt": "Once upon a time"} if "chat" not in path else {"messages": MESSAGES}
+    plain = _sse_events(server, path, body)
+    assert all("token_ids" not in c for e in plain for c in e["choices"])  # not asked: not sent
+    events = _sse_events(server, path, body | {"return_token_ids": True})
+    prompt_ids = (events[0]["choices"][0] if "chat" not in path else events[0])["prompt_token_ids"]
+    assert prompt_ids
+    pieces = [(_piece(c), c.get("token_ids", [])) for e in events for c in e["choices"]]
+    whole_text = "".join(t for t, _ in pieces)
+    whole_ids = [i for _, ids in pieces for i in ids]
+    assert whole_text == "".join(_piece(c) for e in plain for c in e["choices"])
+    assert len(whole_ids) == 24
+    non_stream = httpx.post(
+        f"{server.base_url}{path}", json=body | {"stream": False, "return_token_ids": True}, headers=AUTH
+    ).json()
+    assert non_stream["choices"][0]["token_ids"] == whole_ids
+    for cut in (2, len(pieces) // 2):
+        sent_text = "".join(t for t, _ in pieces[:cut])
+        sent_ids = [i for _, ids in pieces[:cut] for i in ids]
+        assert sent_ids, "the cut must fall after some tokens"
+        resume = {"token_ids": sent_ids, "text_offset": len(sent_text)}
+        rest = _sse_events(
+            server,
+            path,
+            body | {"return_token_ids": True, "resume": resume, "stream_options": {"include_usage": True}},
+        )
+        assert all(
+            c.get("delta", {}).get("role") is None for e in rest for c in e["choices"]
+        )  # no second role
+        rest_text = "".join(_piece(c) for e in rest for c in e["choices"])
+        rest_ids = [i for e in rest for c in e["choices"] for i in c.get("token_ids", [])]
+        assert sent_text + rest_text == whole_text
+        assert sent_ids + rest_ids == whole_ids
+        assert rest[-1]["usage"]["completion_tokens"] == 24
+        assert rest[-1]["usage"]["prompt_tokens"] == len(prompt_ids)
+
+
+def test_resume_refused_for_n_above_one(server: ServeProcess) -> None:
+    r = httpx.post(
+        f"{server.base_url}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "n": 2, "max_tokens": 4, "resume": {"token_ids": [5]}},
+        headers=AUTH,
+    )
+    assert assert_openai_error(r, 400)["param"] == "resume"
+
+
 def test_chat_sync_matches_llm(client: openai.OpenAI, reference_llm, tiny_llama_dir: Path) -> None:
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=8, temperature=0)
     assert r.choices[0].message.role == "assistant"

@@ -131,7 +131,13 @@ class ChoiceDeltas:
         for o in out.outputs:
             index = sub.choice_base + o.index
             self._latest[index] = o
-            cur = self._cursors.setdefault(index, _Cursor())
+            cur = self._cursors.get(index)
+            if cur is None:
+                # A resumed choice's stream already covered its resumed tokens and text.
+                resumed = bool(sub.resume_ids)
+                cur = self._cursors[index] = _Cursor(
+                    text_len=sub.resume_text_offset, num_tokens=len(sub.resume_ids), started=resumed
+                )
             if cur.finished:  # another choice of the same request is still going
                 continue
             text = o.text[cur.text_len :]

@@ -111,6 +111,10 @@ class SubRequest:
     choice_base: int
     finished: bool = False
     priority: int = 0  # the engine's scheduling class: lower runs first (Priority.ONLINE = 0)
+    # A resumed request (the router's failover): output already streamed by another instance,
+    # as token ids and as characters of text; its deltas start after them.
+    resume_ids: list[int] = field(default_factory=list)
+    resume_text_offset: int = 0
 
 
 @dataclass(slots=True)
@@ -153,6 +157,8 @@ class EngineRun:
             prompt: dict[str, Any] = {"prompt_token_ids": sub.prompt_ids}
             if sub.prompt_text is not None:
                 prompt["prompt"] = sub.prompt_text
+            if sub.resume_ids:
+                prompt["resume_token_ids"] = sub.resume_ids
             async for out in self.engine.generate(prompt, sub.params, sub.engine_request_id, sub.priority):
                 await self._queue.put((i, out, None))
         except BaseException as exc:  # handed to the consumer, which decides the HTTP status

@@ -95,6 +95,15 @@ class StreamOptions(OpenAIRequestModel):
     include_usage: bool | None = False
 
 
+class ResumeState(OpenAIRequestModel):
+    """Where another instance's stream of this request broke off (xllm's router failover)."""
+
+    token_ids: list[PromptTokenId] = Field(
+        ..., min_length=1, description="Output token ids already streamed to the client."
+    )
+    text_offset: int = Field(0, ge=0, description="Characters of output text already streamed.")
+
+
 class SamplingFields(OpenAIRequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -134,6 +143,16 @@ class SamplingFields(OpenAIRequestModel):
         ge=-(2**31),
         le=2**31 - 1,
         description="Lower runs first: 0 online (default), 1 offline (preempted for online work).",
+    )
+
+    # vLLM's extension: responses carry the prompt's and each choice's token ids.
+    return_token_ids: bool | None = Field(
+        False, description="Add prompt_token_ids and each choice's token_ids to the response."
+    )
+    # xllm's extension for the cluster router: continue a stream another instance started, as if
+    # it had not broken off (only n = 1 with one prompt); the response omits what was streamed.
+    resume: ResumeState | None = Field(
+        None, description="Continue a request from output already streamed elsewhere (n = 1, one prompt)."
     )
 
     def stop_list(self) -> list[str]:
@@ -254,6 +273,9 @@ class CompletionChoice(OpenAIBaseModel):
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
+    # With return_token_ids (vLLM's layout): the prompt's ids on a choice's first chunk.
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -289,6 +311,7 @@ class ChatCompletionChoice(OpenAIBaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogProbs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -298,6 +321,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DeltaMessage(OpenAIBaseModel):
@@ -310,6 +334,7 @@ class ChatCompletionStreamChoice(OpenAIBaseModel):
     delta: DeltaMessage
     logprobs: ChatChoiceLogProbs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
     @field_serializer("delta")
     def _delta_without_nulls(self, delta: DeltaMessage) -> dict[str, Any]:
@@ -324,6 +349,9 @@ class ChatCompletionChunk(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = Field(
+        None, exclude_if=lambda v: v is None
+    )  # on the first chunk, with return_token_ids
 
 
 class CompletionChunk(OpenAIBaseModel):

@@ -257,6 +257,9 @@ class Serving:
         priority: int = 0,
     ) -> list[SubRequest]:
         """One engine request per prompt; prompt p's `n` choices are the response's p*n .. p*n+n-1."""
+        resume = req.resume
+        if resume is not None and (req.n != 1 or len(prompts) != 1):
+            raise bad_request("'resume' needs n = 1 and a single prompt.", param="resume")
         return [
             SubRequest(
                 f"{request_id}-{p}",
@@ -265,6 +268,8 @@ class Serving:
                 self._sampling(req, max_tokens[p], logprobs, prompt_logprobs),
                 choice_base=p * req.n,
                 priority=priority,
+                resume_ids=list(resume.token_ids) if resume is not None else [],
+                resume_text_offset=resume.text_offset if resume is not None else 0,
             )
             for p, (text, ids) in enumerate(prompts)
         ]
@@ -382,7 +387,8 @@ class Serving:
                 ctx.request_id, prompts, req, max_tokens, req.logprobs, prompt_logprobs, ctx.priority
             )
         )
-        offsets: dict[int, int] = {}  # per choice: where its next token starts in its text
+        # Per choice: where its next token starts in its text (a resumed one's streamed text first).
+        offsets: dict[int, int] = {0: req.resume.text_offset} if req.resume is not None else {}
 
         def choice(d: ChoiceDelta) -> CompletionChoice:
             return self._completion_choice(req, d, offsets)
@@ -414,7 +420,15 @@ class Serving:
             offsets[d.index] = self.add_completion_logprobs(
                 lps, d.token_ids, d.logprobs, req.logprobs, offset
             )
-        return CompletionChoice(index=d.index, text=text, logprobs=lps, finish_reason=d.finish_reason)
+        ids = req.return_token_ids
+        return CompletionChoice(
+            index=d.index,
+            text=text,
+            logprobs=lps,
+            finish_reason=d.finish_reason,
+            prompt_token_ids=d.sub.prompt_ids if ids and d.first else None,
+            token_ids=d.token_ids if ids else None,
+        )
 
     # ---- chat -------------------------------------------------------------------------------
 
@@ -445,15 +459,24 @@ class Serving:
                     delta=DeltaMessage(content=d.text),
                     logprobs=logprobs(d),
                     finish_reason=d.finish_reason,
+                    token_ids=d.token_ids if req.return_token_ids else None,
                 )
 
-            # OpenAI sends the role alone in each choice's first delta, before any content.
+            # OpenAI sends the role alone in each choice's first delta, before any content (a
+            # resumed stream's client has had it).
             roles = [
                 ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(req.n)
+                if req.resume is None
             ]
             return self.openai_stream(
-                ctx, deltas, ChatCompletionChunk, choice, req.include_usage_in_stream, head=roles
+                ctx,
+                deltas,
+                ChatCompletionChunk,
+                choice,
+                req.include_usage_in_stream,
+                head=roles,
+                prompt_token_ids=ids if req.return_token_ids and req.resume is None else None,
             )
         choices = [
             ChatCompletionChoice(
@@ -461,11 +484,16 @@ class Serving:
                 message=ChatResponseMessage(content=d.text),
                 logprobs=logprobs(d),
                 finish_reason=d.finish_reason,
+                token_ids=d.token_ids if req.return_token_ids else None,
             )
             for d in await self.whole(ctx, deltas)
         ]
         return ChatCompletionResponse(
-            id=ctx.request_id, model=self.served_model_name, choices=choices, usage=self.usage(ctx)
+            id=ctx.request_id,
+            model=self.served_model_name,
+            choices=choices,
+            usage=self.usage(ctx),
+            prompt_token_ids=ids if req.return_token_ids else None,
         )
 
     # ---- shared plumbing --------------------------------------------------------------------
@@ -490,13 +518,20 @@ class Serving:
         choice: Callable[[ChoiceDelta], Any],
         include_usage: bool,
         head: Sequence[Any] = (),
+        prompt_token_ids: list[int] | None = None,
     ) -> AsyncIterator[str]:
         """An OpenAI stream: a chunk per `head` choice, then one per delta as `choice` renders it,
-        then the usage chunk if asked for, and ``[DONE]``."""
+        then the usage chunk if asked for, and ``[DONE]``. `prompt_token_ids` (chat's
+        return_token_ids) go on the first chunk."""
+        first = [prompt_token_ids]
 
         def chunk(choices: list[Any], usage: UsageInfo | None = None) -> str:
+            extra = {"prompt_token_ids": first.pop()} if first and first[0] is not None else {}
+            first.clear()
             return sse(
-                chunk_cls(id=ctx.request_id, model=self.served_model_name, choices=choices, usage=usage)
+                chunk_cls(
+                    id=ctx.request_id, model=self.served_model_name, choices=choices, usage=usage, **extra
+                )
             )
 
         async def body() -> AsyncIterator[str]:
