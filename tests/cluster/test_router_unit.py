@@ -4,6 +4,7 @@ staleness, drain and metrics, without loading a model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -17,21 +18,34 @@ from xllm.cluster.registry import InstanceInfo, InstanceLoad, Role
 from xllm.cluster.router import INSTANCE_HEADER
 
 
-def fake_instance(name: str, status: int = 200, break_stream: bool = False) -> FastAPI:
+def fake_instance(
+    name: str, status: int = 200, break_stream: bool = False, seen: list | None = None
+) -> FastAPI:
+    """Answers JSON with its name; a stream is two chunks of text with their token ids (the second
+    one never comes when it `break_stream`s). Bodies it receives go to `seen`."""
     app = FastAPI()
+
+    def chunk(text: str, ids: list[int]) -> bytes:
+        event = {"id": f"cmpl-{name}", "created": len(name), "who": name}
+        event["choices"] = [{"index": 0, "text": text, "token_ids": ids}]
+        return f"data: {json.dumps(event)}\n\n".encode()
 
     @app.post("/v1/completions")
     async def completions(body: dict) -> object:
+        if seen is not None:
+            seen.append(body)
         if status != 200:
             error = {"message": f"{name} is draining", "type": "x", "param": None, "code": "draining"}
             return JSONResponse({"error": error}, status_code=status, headers={"Retry-After": "5"})
         if body.get("stream"):
 
             async def events():
-                yield b'data: {"who": "%s"}\n\n' % name.encode()
+                if "resume" not in body:  # a resumed stream sends only what follows
+                    yield chunk("Hel", [1, 2])
                 await asyncio.sleep(0.05)
                 if break_stream:
                     raise RuntimeError("instance crashed mid-stream")
+                yield chunk("lo", [3])
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -124,24 +138,69 @@ def test_no_instance_left_is_a_503_openai_error(setup):
     assert httpx.get(f"{r.url}/health").status_code == 503
 
 
-def test_a_broken_stream_ends_without_done_and_is_counted(setup):
+def stream_events(url: str, **body) -> list[dict | str]:
+    payload = {"prompt": "hi", "stream": True, **body}
+    with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=10) as resp:
+        assert resp.status_code == 200
+        lines = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+def wait_for_metric(url: str, line: str) -> None:
+    deadline = time.monotonic() + 5
+    while line not in (metrics := httpx.get(f"{url}/metrics").text):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+
+
+def test_a_broken_stream_with_nowhere_to_resume_ends_with_an_error_event(setup):
     add, router = setup
     add("a", break_stream=True)
     r = router()
-    with httpx.stream("POST", f"{r.url}/v1/completions", json={"prompt": "hi", "stream": True}) as resp:
-        assert resp.status_code == 200
-        try:
-            text = resp.read().decode()
-        except httpx.RemoteProtocolError:  # the truncated chunked body may surface as an error
-            text = ""
-    assert "[DONE]" not in text
-    deadline = time.monotonic() + 5
-    while 'xllm:router_requests_failed_total{reason="broken_stream"} 1.0' not in (
-        metrics := httpx.get(f"{r.url}/metrics").text
-    ):
-        assert time.monotonic() < deadline, metrics
-        time.sleep(0.05)
+    events = stream_events(r.url)
+    assert events[0]["choices"][0]["text"] == "Hel"
+    assert "token_ids" not in events[0]["choices"][0]  # the router asked for them, the client did not
+    assert (
+        events[1]["error"]["code"] == "instance_failed"
+        and "instance a" in events[1]["error"]["message"].lower()
+    )
+    assert events[2] == "[DONE]"
+    wait_for_metric(r.url, 'xllm:router_requests_failed_total{reason="broken_stream"} 1.0')
     assert r.state.placed == {"a": 0}
+
+
+def test_a_broken_stream_resumes_on_another_instance_after_what_was_sent(setup):
+    add, router = setup
+    seen_a: list[dict] = []
+    seen_b: list[dict] = []
+    add("a", break_stream=True, seen=seen_a)
+    add("b", seen=seen_b)
+    r = router("round_robin")
+    r.state.turn = iter([0, 1])  # a first, then b  # type: ignore[assignment]
+    events = stream_events(r.url, return_token_ids=True, max_tokens=5)
+    texts = [e["choices"][0]["text"] for e in events if isinstance(e, dict)]
+    assert texts == ["Hel", "lo"] and events[-1] == "[DONE]"
+    assert [e["id"] for e in events[:-1]] == ["cmpl-a", "cmpl-a"]  # one stream's id throughout
+    assert [e["choices"][0]["token_ids"] for e in events[:-1]] == [[1, 2], [3]]  # asked for: kept
+    assert seen_a[0]["return_token_ids"] is True and "resume" not in seen_a[0]
+    assert seen_b[0]["resume"] == {"token_ids": [1, 2], "text_offset": 3}
+    assert seen_b[0]["max_tokens"] == 5 and seen_b[0]["prompt"] == "hi"
+    wait_for_metric(r.url, 'xllm:router_streams_resumed_total{instance="a"} 1.0')
+    statuses = {i["id"]: i["status"] for i in httpx.get(f"{r.url}/cluster/instances").json()}
+    assert statuses["a"] == "dead"
+    assert r.state.placed == {"a": 0, "b": 0}
+
+
+def test_a_stream_that_cannot_be_resumed_is_not_resumed(setup):
+    add, router = setup
+    seen_b: list[dict] = []
+    add("a", break_stream=True)
+    add("b", seen=seen_b)
+    r = router("round_robin")
+    r.state.turn = iter([0, 1])  # type: ignore[assignment]
+    events = stream_events(r.url, n=2)
+    assert events[-2]["error"]["code"] == "instance_failed" and events[-1] == "[DONE]"
+    assert seen_b == [] and "return_token_ids" not in str(events)
 
 
 def test_drain_and_instance_gauges(setup):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import importlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -35,7 +36,7 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xllm import __version__
-from xllm.cluster import policies
+from xllm.cluster import failover, policies
 from xllm.cluster.policies import PolicyName
 from xllm.cluster.registry import InstanceLoad, Member, Registry, Role, Status
 from xllm.service.app import CLIENT_CLOSED_REQUEST, until_disconnected
@@ -72,6 +73,12 @@ class RouterMetrics:
         self.redispatched = Counter(
             "xllm:router_requests_redispatched",
             "Placements retried on another instance (unreachable or unavailable).",
+            ["instance"],
+            registry=self.registry,
+        )
+        self.resumed = Counter(
+            "xllm:router_streams_resumed",
+            "Streams continued on another instance after the one serving them died mid-stream.",
             ["instance"],
             registry=self.registry,
         )
@@ -287,76 +294,144 @@ class RouterMiddleware:
             self.state.in_flight -= 1
 
 
+class Upstream:
+    """Places a request on instances: the first placement and every re-dispatch after a failure."""
+
+    def __init__(self, state: RouterState, request: Request, body: CompletionRequest | ChatCompletionRequest):
+        self.state = state
+        self.request = request
+        self.body = body
+        self.headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
+        self.token_ids: list[int] | None = None  # the prompt's, for cache-aware placement
+        self.tried: set[str] = set()
+        self.failed_on: str | None = None  # the instance whose placement is being retried
+        self.last_unavailable: httpx.Response | None = None
+
+    async def place(self, content: bytes) -> tuple[httpx.Response, Member] | None:
+        """Sends `content` to the best instance not tried yet; returns its (non-503) response, or
+        None when none is left (`last_unavailable` keeps the last 503). Raises `ClientGone`."""
+        state = self.state
+        assert state.client is not None, "the router's lifespan creates the HTTP client"
+        while True:
+            member = state.choose(
+                state.candidates(self.body.model, self.tried), self.token_ids, self.body.cache_salt
+            )
+            if member is None:
+                return None
+            if self.failed_on is not None:
+                state.metrics.redispatched.labels(self.failed_on).inc()
+            self.tried.add(member.info.id)
+            state.place(member.info.id, 1)
+            url = member.info.url.rstrip("/") + self.request.url.path
+            upstream = state.client.build_request("POST", url, content=content, headers=self.headers)
+            try:
+                # A client that leaves while the instance works (a whole response comes only at
+                # the end) cancels the upstream request, and the closed connection aborts it there.
+                resp = await until_disconnected(self.request, self.send(upstream))
+            except httpx.TransportError as exc:
+                logger.warning(
+                    "instance %s unreachable (%s); re-dispatching", member.info.id, type(exc).__name__
+                )
+                state.place(member.info.id, -1)
+                self.lost(member)
+                continue
+            if resp is None:
+                state.place(member.info.id, -1)
+                raise ClientGone
+            if resp.status_code == 503:  # loading, draining or engine dead: someone else may serve it
+                if self.last_unavailable is not None:
+                    await self.last_unavailable.aclose()
+                await resp.aread()
+                self.last_unavailable = resp
+                state.place(member.info.id, -1)
+                self.failed_on = member.info.id
+                continue
+            state.metrics.routed.labels(member.info.id).inc()
+            # The request's path (a re-dispatch shows as a later line with attempt > 1).
+            logger.info(
+                "%s %s -> %s (policy %s, attempt %d)",
+                resp.headers.get("x-request-id", "-"),  # the instance's id, as in its access log
+                self.request.url.path,
+                member.info.id,
+                state.policy.value,
+                len(self.tried),
+            )
+            return resp, member
+
+    async def send(self, upstream: httpx.Request) -> httpx.Response:
+        assert self.state.client is not None
+        resp = await self.state.client.send(upstream, stream=True)
+        if resp.status_code != 503 and (not self.body.stream or resp.status_code != 200):
+            # A whole answer is read here, so that an instance dying before its end is one
+            # more unreachable instance, and the request goes elsewhere untouched.
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+        return resp
+
+    def lost(self, member: Member) -> None:
+        """`member` failed under a request: dead to placement until it publishes again."""
+        self.state.unreachable[member.info.id] = time.time()
+        self.failed_on = member.info.id
+
+    async def close(self) -> None:
+        if self.last_unavailable is not None:
+            await self.last_unavailable.aclose()
+
+
+class ClientGone(Exception):
+    """The client disconnected while the request was being placed."""
+
+
 async def forward(
     state: RouterState,
     request: Request,
     body: CompletionRequest | ChatCompletionRequest,
 ) -> Response:
-    """Place the request and relay the chosen instance's answer; re-dispatch while nothing was sent."""
-    assert state.client is not None, "the router's lifespan creates the HTTP client"
-    raw = await request.body()  # forwarded byte for byte: the instance validates it the same way
-    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
-    # Templating and tokenizing a long prompt takes milliseconds: off the event loop.
-    token_ids = None
+    """Place the request and relay the chosen instance's answer; re-dispatch on failure: whole
+    before anything was sent, resumed after the tokens sent when a stream breaks."""
+    raw = await request.body()
+    payload = json.loads(raw)  # a JSON object: the body model validated it
+    resume = failover.resumable(payload)
+    progress = failover.StreamProgress(
+        client_wants_ids=bool(payload.get("return_token_ids")), prior=payload.get("resume")
+    )
+    # The instance validates the request as the router did; a resumable stream also asks for the
+    # token ids it would need to continue elsewhere.
+    content = json.dumps(progress.resume_body(payload)).encode() if resume else raw
+    upstream = Upstream(state, request, body)
     if state.policy is PolicyName.CACHE_AWARE and state.tokenizer is not None:
-        token_ids = await asyncio.to_thread(state.prompt_ids, body)
-    tried: set[str] = set()
-    last_unavailable: httpx.Response | None = None
-    failed_on: str | None = None  # the instance whose placement is being retried
-    while True:
-        member = state.choose(state.candidates(body.model, tried), token_ids, body.cache_salt)
-        if member is None:
-            break
-        if failed_on is not None:
-            state.metrics.redispatched.labels(failed_on).inc()
-        tried.add(member.info.id)
-        state.place(member.info.id, 1)
-        url = member.info.url.rstrip("/") + request.url.path
-        upstream = state.client.build_request("POST", url, content=raw, headers=headers)
-        try:
-            # A client that leaves while the instance works (a whole response comes only at the
-            # end) cancels the upstream request, and the closed connection aborts it there.
-            resp = await until_disconnected(request, state.client.send(upstream, stream=True))
-        except httpx.TransportError as exc:
-            # Nothing reached the client yet, so another instance can take the request whole.
-            logger.warning("instance %s unreachable (%s); re-dispatching", member.info.id, type(exc).__name__)
-            state.unreachable[member.info.id] = time.time()
-            state.place(member.info.id, -1)
-            failed_on = member.info.id
-            continue
-        if resp is None:
-            state.place(member.info.id, -1)
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if resp.status_code == 503:  # loading, draining or engine dead: someone else may serve it
-            if last_unavailable is not None:
-                await last_unavailable.aclose()
-            await resp.aread()
-            last_unavailable = resp
-            state.place(member.info.id, -1)
-            failed_on = member.info.id
-            continue
-        if last_unavailable is not None:
-            await last_unavailable.aclose()
-        state.metrics.routed.labels(member.info.id).inc()
-        # The request's path, decided once (a re-dispatch shows as a later line with attempt > 1).
-        logger.info(
-            "%s %s -> %s (policy %s, attempt %d)",
-            resp.headers.get("x-request-id", "-"),  # the instance's id, as in its access log
-            request.url.path,
-            member.info.id,
-            state.policy.value,
-            len(tried),
-        )
-        return relay(state, resp, member)
-    if last_unavailable is not None:  # every instance said 503: the client gets the last one's words
+        # Templating and tokenizing a long prompt takes milliseconds: off the event loop.
+        upstream.token_ids = await asyncio.to_thread(state.prompt_ids, body)
+    try:
+        placed = await upstream.place(content)
+    except ClientGone:
+        await upstream.close()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if placed is None:
+        return await no_placement(state, upstream)
+    resp, member = placed
+    headers = {**passed_headers(resp), INSTANCE_HEADER: member.info.id}
+    if not body.stream or resp.status_code != 200:
+        state.place(member.info.id, -1)
+        await upstream.close()
+        return Response(resp.content, status_code=resp.status_code, headers=headers)
+    relay = Relay(state, upstream, placed, payload if resume else None, progress)
+    return StreamingResponse(
+        relay.events(), status_code=200, headers=headers, background=BackgroundTask(relay.finish)
+    )
+
+
+async def no_placement(state: RouterState, upstream: Upstream) -> Response:
+    last = upstream.last_unavailable
+    if last is not None:  # every instance said 503: the client gets the last one's words
         state.metrics.failed.labels("unavailable").inc()
-        return Response(
-            last_unavailable.content,
-            status_code=503,
-            headers=passed_headers(last_unavailable),
-        )
+        response = Response(last.content, status_code=503, headers=passed_headers(last))
+        await upstream.close()
+        return response
     state.metrics.failed.labels("no_instance").inc()
-    detail = "every instance tried was unreachable" if tried else "no instance is up"
+    detail = "every instance tried was unreachable" if upstream.tried else "no instance is up"
     raise NoInstanceError(f"{detail}; retry shortly.")
 
 
@@ -364,34 +439,105 @@ def passed_headers(resp: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in resp.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
 
 
-def relay(state: RouterState, resp: httpx.Response, member: Member) -> Response:
-    """The instance's response as the client's: its bytes as they arrive (SSE chunk by chunk)."""
-    headers = {**passed_headers(resp), INSTANCE_HEADER: member.info.id}
-    done = False
+class Relay:
+    """The instance's event stream as the client's; when the instance dies mid-stream, the rest
+    of the stream from another instance, resumed after what was sent (`payload` None: a stream
+    that cannot be resumed ends with an error event)."""
 
-    async def finish() -> None:
-        # Runs from the body's end and from the background task, whichever comes first (a
-        # client that disconnects may skip either one).
-        nonlocal done
-        if not done:
-            done = True
-            state.place(member.info.id, -1)
-            await resp.aclose()
+    def __init__(
+        self,
+        state: RouterState,
+        upstream: Upstream,
+        placed: tuple[httpx.Response, Member],
+        payload: dict[str, Any] | None,
+        progress: failover.StreamProgress,
+    ) -> None:
+        self.state = state
+        self.upstream = upstream
+        self.resp, self.member = placed
+        self.payload = payload
+        self.progress = progress
+        self.open = True  # `resp` is open and counted in the router's placements
 
-    async def body() -> AsyncIterator[bytes]:
+    async def finish(self) -> None:
+        """Closes the current upstream response; runs from the stream's end and from the
+        response's background task, whichever comes first (a client that disconnects may skip
+        either one)."""
+        if self.open:
+            self.open = False
+            self.state.place(self.member.info.id, -1)
+            await self.resp.aclose()
+        await self.upstream.close()
+
+    async def events(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in resp.aiter_raw():
-                yield chunk
-        except httpx.TransportError:
-            # The instance died mid-answer; the client sees a truncated stream (no [DONE]).
-            logger.warning("instance %s broke off a response", member.info.id)
-            state.metrics.failed.labels("broken_stream").inc()
+            while True:
+                broke = "closed without [DONE]"
+                try:
+                    async for data in failover.sse_payloads(self.resp.aiter_bytes()):
+                        if data == "[DONE]":
+                            yield failover.sse_event(data)
+                            return
+                        try:
+                            event = json.loads(data)
+                        except ValueError:
+                            yield failover.sse_event(data)
+                            continue
+                        if failover.is_engine_dead(event):
+                            broke = "its engine died"
+                            break
+                        rewritten = self.progress.rewrite(event)
+                        if rewritten is not None:
+                            yield failover.sse_event(rewritten)
+                except httpx.TransportError as exc:
+                    broke = type(exc).__name__
+                failed = self.member
+                logger.warning(
+                    "instance %s broke off a stream (%s) after %d tokens",
+                    failed.info.id,
+                    broke,
+                    len(self.progress.token_ids),
+                )
+                await self.finish()
+                self.upstream.lost(failed)
+                why = await self.resume()
+                if why is not None:
+                    self.state.metrics.failed.labels("broken_stream").inc()
+                    yield failover.sse_event(instance_failed(failed, why))
+                    yield failover.sse_event("[DONE]")
+                    return
+                self.state.metrics.resumed.labels(failed.info.id).inc()
+                logger.info(
+                    "stream resumed on %s after %d tokens", self.member.info.id, len(self.progress.token_ids)
+                )
         finally:
-            await finish()
+            await self.finish()
 
-    return StreamingResponse(
-        body(), status_code=resp.status_code, headers=headers, background=BackgroundTask(finish)
-    )
+    async def resume(self) -> str | None:
+        """Places the rest of the stream; returns why it could not be, or None."""
+        if self.payload is None:
+            return "this request cannot be resumed (n > 1, several prompts or echo)"
+        try:
+            placed = await self.upstream.place(json.dumps(self.progress.resume_body(self.payload)).encode())
+        except ClientGone:
+            return "the client left"
+        if placed is None:
+            return "no other instance could continue it"
+        resp, member = placed
+        if resp.status_code != 200:
+            self.state.place(member.info.id, -1)
+            logger.warning("instance %s refused the resumed stream: %s", member.info.id, resp.text[:200])
+            return f"instance {member.info.id} refused to continue it"
+        self.resp, self.member, self.open = resp, member, True
+        return None
+
+
+def instance_failed(member: Member, why: str) -> dict[str, Any]:
+    return OpenAIError(
+        503,
+        f"Instance {member.info.id} failed mid-stream and {why}; retry the request.",
+        code="instance_failed",
+    ).body()
 
 
 def embedded_registry_router(registry: Registry) -> APIRouter | None:
