@@ -166,6 +166,34 @@ def test_bad_requests_get_openai_errors(router):
     assert "no-such-model" in err["message"]
 
 
+def test_anthropic_messages_and_model_lookup_are_routed(cluster, router):
+    r = router()
+    servers = cluster[1]
+    model = httpx.get(f"{r.url}/v1/models").json()["data"][0]["id"]
+    assert httpx.get(f"{r.url}/v1/models/{model}").json()["id"] == model
+    assert_openai_error(httpx.get(f"{r.url}/v1/models/no-such-model"), 404)
+    body = {
+        "model": model,
+        "max_tokens": 6,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    own = httpx.post(f"{servers['a'].base_url}/v1/messages", json=body, timeout=60).json()
+    routed = httpx.post(f"{r.url}/v1/messages", json=body, timeout=60)
+    assert routed.status_code == 200 and routed.json()["content"] == own["content"]
+    with httpx.stream("POST", f"{r.url}/v1/messages", json=body | {"stream": True}, timeout=60) as resp:
+        lines = list(resp.iter_lines())
+    assert "event: message_start" in lines and "event: message_stop" in lines  # event names kept
+    text = "".join(
+        json.loads(line[6:])["delta"]["text"]
+        for line in lines
+        if line.startswith("data: ") and '"text_delta"' in line
+    )
+    assert text == own["content"][0]["text"]
+    bad = httpx.post(f"{r.url}/v1/messages", json=body | {"max_tokens": 0}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["type"] == "error"  # Anthropic's error shape
+
+
 def test_streaming_passes_through_chunk_by_chunk(cluster, router):
     r = router()
     direct = completion(cluster[1]["a"].base_url, prompt="Once upon a time").json()["choices"][0]["text"]

@@ -39,12 +39,16 @@ from xllm import __version__
 from xllm.cluster import failover, policies
 from xllm.cluster.policies import PolicyName
 from xllm.cluster.registry import InstanceLoad, Member, Registry, Role, Status
+from xllm.service.anthropic_errors import MESSAGES_PATH, AnthropicRoute, anthropic_error_event
+from xllm.service.anthropic_protocol import MessagesRequest
 from xllm.service.app import CLIENT_CLOSED_REQUEST, until_disconnected
 from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
 from xllm.service.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from xllm.service.serving import chat_prompt_text
 
 logger = logging.getLogger("xllm.cluster")
+
+RoutedRequest = CompletionRequest | ChatCompletionRequest | MessagesRequest
 
 POLL_INTERVAL_S = 0.5
 # Headers of an instance's response that reach the client (hop-by-hop ones and the length, which
@@ -219,7 +223,7 @@ class RouterState:
             return policies.least_loaded(members)
         return policies.cache_aware(members, token_ids, cache_salt, self.limits)
 
-    def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int] | None:
+    def prompt_ids(self, body: RoutedRequest) -> list[int] | None:
         """The (first) prompt's token ids as the instance will see them, for cache-aware placement;
         None when they cannot be known here (no tokenizer): the instance validates the prompt."""
         if self.policy is not PolicyName.CACHE_AWARE:
@@ -231,6 +235,8 @@ class RouterState:
             if isinstance(prompt, list):
                 return list(prompt)
             text, special = prompt, True
+        elif isinstance(body, MessagesRequest):
+            messages, text, special = body.chat_messages(), None, False
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             text, special = None, False
@@ -297,7 +303,7 @@ class RouterMiddleware:
 class Upstream:
     """Places a request on instances: the first placement and every re-dispatch after a failure."""
 
-    def __init__(self, state: RouterState, request: Request, body: CompletionRequest | ChatCompletionRequest):
+    def __init__(self, state: RouterState, request: Request, body: RoutedRequest):
         self.state = state
         self.request = request
         self.body = body
@@ -313,9 +319,8 @@ class Upstream:
         state = self.state
         assert state.client is not None, "the router's lifespan creates the HTTP client"
         while True:
-            member = state.choose(
-                state.candidates(self.body.model, self.tried), self.token_ids, self.body.cache_salt
-            )
+            salt = getattr(self.body, "cache_salt", None)
+            member = state.choose(state.candidates(self.body.model, self.tried), self.token_ids, salt)
             if member is None:
                 return None
             if self.failed_on is not None:
@@ -384,16 +389,14 @@ class ClientGone(Exception):
     """The client disconnected while the request was being placed."""
 
 
-async def forward(
-    state: RouterState,
-    request: Request,
-    body: CompletionRequest | ChatCompletionRequest,
-) -> Response:
+async def forward(state: RouterState, request: Request, body: RoutedRequest) -> Response:
     """Place the request and relay the chosen instance's answer; re-dispatch on failure: whole
-    before anything was sent, resumed after the tokens sent when a stream breaks."""
+    before anything was sent, resumed after the tokens sent when an OpenAI stream breaks (an
+    Anthropic stream is relayed byte for byte and ends with an error event)."""
     raw = await request.body()
     payload = json.loads(raw)  # a JSON object: the body model validated it
-    resume = failover.resumable(payload)
+    anthropic = isinstance(body, MessagesRequest)
+    resume = not anthropic and failover.resumable(payload)
     progress = failover.StreamProgress(
         client_wants_ids=bool(payload.get("return_token_ids")), prior=payload.get("resume")
     )
@@ -417,7 +420,7 @@ async def forward(
         state.place(member.info.id, -1)
         await upstream.close()
         return Response(resp.content, status_code=resp.status_code, headers=headers)
-    relay = Relay(state, upstream, placed, payload if resume else None, progress)
+    relay = Relay(state, upstream, placed, payload if resume else None, progress, raw=anthropic)
     return StreamingResponse(
         relay.events(), status_code=200, headers=headers, background=BackgroundTask(relay.finish)
     )
@@ -451,7 +454,9 @@ class Relay:
         placed: tuple[httpx.Response, Member],
         payload: dict[str, Any] | None,
         progress: failover.StreamProgress,
+        raw: bool = False,
     ) -> None:
+        self.raw = raw  # bytes as they come, no resume (Anthropic's events carry no token ids)
         self.state = state
         self.upstream = upstream
         self.resp, self.member = placed
@@ -470,6 +475,10 @@ class Relay:
         await self.upstream.close()
 
     async def events(self) -> AsyncIterator[bytes]:
+        if self.raw:
+            async for chunk in self.raw_events():
+                yield chunk
+            return
         try:
             while True:
                 broke = "closed without [DONE]"
@@ -510,6 +519,23 @@ class Relay:
                 logger.info(
                     "stream resumed on %s after %d tokens", self.member.info.id, len(self.progress.token_ids)
                 )
+        finally:
+            await self.finish()
+
+    async def raw_events(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.resp.aiter_raw():
+                yield chunk
+        except httpx.TransportError:
+            logger.warning("instance %s broke off a stream", self.member.info.id)
+            self.upstream.lost(self.member)
+            self.state.metrics.failed.labels("broken_stream").inc()
+            why = OpenAIError(
+                503,
+                f"Instance {self.member.info.id} failed mid-stream; retry the request.",
+                code="instance_failed",
+            )
+            yield anthropic_error_event(why).encode()
         finally:
             await self.finish()
 
@@ -623,6 +649,22 @@ def create_router_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await forward(state, request, body)
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model(model_id: str) -> ModelCard:
+        if not any(m.info.model == model_id for m, status in state.statuses() if status is Status.UP):
+            raise OpenAIError(
+                404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found"
+            )
+        return ModelCard(id=model_id)
+
+    anthropic = APIRouter(route_class=AnthropicRoute)  # its errors leave in Anthropic's shape
+
+    @anthropic.post(MESSAGES_PATH)
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        return await forward(state, request, body)
+
+    app.include_router(anthropic)
 
     @app.get("/cluster/instances")
     async def instances() -> list[dict[str, Any]]:
