@@ -9,12 +9,12 @@ import time
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from router_helpers import AppServer, MemoryRegistry, RouterServer, free_port
 
 from xllm.cluster.policies import STALE_LOAD_S
-from xllm.cluster.registry import InstanceInfo, InstanceLoad, Role
+from xllm.cluster.registry import InstanceInfo, InstanceLoad, Member, Role
 from xllm.cluster.router import INSTANCE_HEADER
 
 
@@ -31,9 +31,9 @@ def fake_instance(
         return f"data: {json.dumps(event)}\n\n".encode()
 
     @app.post("/v1/completions")
-    async def completions(body: dict) -> object:
+    async def completions(body: dict, request: Request) -> object:
         if seen is not None:
-            seen.append(body)
+            seen.append(body | {"x-priority": request.headers.get("x-priority")})
         if status != 200:
             error = {"message": f"{name} is draining", "type": "x", "param": None, "code": "draining"}
             return JSONResponse({"error": error}, status_code=status, headers={"Retry-After": "5"})
@@ -184,7 +184,7 @@ def test_a_broken_stream_resumes_on_another_instance_after_what_was_sent(setup):
     assert [e["choices"][0]["token_ids"] for e in events[:-1]] == [[1, 2], [3]]  # asked for: kept
     assert seen_a[0]["return_token_ids"] is True and "resume" not in seen_a[0]
     assert seen_b[0]["resume"] == {"token_ids": [1, 2], "text_offset": 3}
-    assert seen_b[0]["max_tokens"] == 5 and seen_b[0]["prompt"] == "hi"
+    assert seen_b[0]["max_tokens"] == 5 and seen_b[0]["prompt"] == "hi" and seen_b[0]["x-priority"] is None
     wait_for_metric(r.url, 'xllm:router_streams_resumed_total{instance="a"} 1.0')
     statuses = {i["id"]: i["status"] for i in httpx.get(f"{r.url}/cluster/instances").json()}
     assert statuses["a"] == "dead"
@@ -215,3 +215,50 @@ def test_drain_and_instance_gauges(setup):
     assert 'xllm:instance_kv_cache_usage_perc{instance="b",role="mixed",status="up"} 0.0' in metrics
     resp = httpx.post(f"{r.url}/cluster/instances/nope/drain")
     assert resp.status_code == 404 and "nope" in resp.json()["error"]["message"]
+
+
+def test_offline_requests_fill_idle_capacity_and_do_not_repel_online_ones():
+    from xllm.cluster.router import RouterState
+
+    state = RouterState(MemoryRegistry(), "least_loaded")
+    now = time.time()
+    state.members = [
+        Member(
+            InstanceInfo(name, Role.MIXED, f"http://{name}", "m", "cpu", 8, 16), InstanceLoad(updated_at=now)
+        )
+        for name in ("a", "b")
+    ]
+
+    def pick(offline: bool) -> str:
+        member = state.choose(state.candidates("m", set(), offline), None, None, offline)
+        state.place(member.info.id, 1, offline)
+        return member.info.id
+
+    # A burst of offline work spreads over the idle instances...
+    assert [pick(offline=True) for _ in range(6)] == ["a", "b", "a", "b", "a", "b"]
+    # ...and online requests still see both as idle: the instances preempt offline work for them.
+    online = state.candidates("m", set(), offline=False)
+    assert [m.load.num_requests_running + m.load.num_requests_waiting for m in online] == [0, 0]
+    assert pick(offline=False) == "a" and pick(offline=False) == "b"
+    # Offline placement counts everything: the next offline request goes where there is most room.
+    state.place("a", 2, offline=False)
+    assert pick(offline=True) == "b"
+    assert state.placed == {"a": 6, "b": 5} and state.placed_offline == {"a": 3, "b": 4}
+
+
+def test_priority_header_reaches_the_instance(setup):
+    add, router = setup
+    seen: list[dict] = []
+    add("a", seen=seen)
+    r = router()
+    resp = httpx.post(
+        f"{r.url}/v1/completions",
+        json={"prompt": "hi", "max_tokens": 2},
+        headers={"X-Priority": "1"},
+        timeout=10,
+    )
+    assert resp.status_code == 201 and seen[0]["x-priority"] == "1"
+    bad = httpx.post(
+        f"{r.url}/v1/completions", json={"prompt": "hi"}, headers={"X-Priority": "high"}, timeout=10
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"

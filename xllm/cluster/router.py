@@ -44,7 +44,7 @@ from xllm.service.anthropic_protocol import MessagesRequest
 from xllm.service.app import CLIENT_CLOSED_REQUEST, until_disconnected
 from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
 from xllm.service.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from xllm.service.serving import chat_prompt_text
+from xllm.service.serving import PRIORITY_HEADER, chat_prompt_text, request_priority
 
 logger = logging.getLogger("xllm.cluster")
 
@@ -54,7 +54,7 @@ POLL_INTERVAL_S = 0.5
 # Headers of an instance's response that reach the client (hop-by-hop ones and the length, which
 # the router's own framing sets, do not).
 PASSED_RESPONSE_HEADERS = ("content-type", "x-request-id", "retry-after", "cache-control", "www-authenticate")
-PASSED_REQUEST_HEADERS = ("authorization", "content-type", "x-api-key", "accept")
+PASSED_REQUEST_HEADERS = ("authorization", "content-type", "x-api-key", "accept", "x-priority")
 INSTANCE_HEADER = "x-xllm-instance"  # which instance served the request: the recorded path
 
 
@@ -139,6 +139,9 @@ class RouterState:
         # so a burst would all land on the member that looked idlest; the policies see the larger
         # of the two counts (other routers' requests show up in the published load).
         self.placed: dict[str, int] = {}
+        # Of those, the offline ones (priority > 0): an instance's scheduler runs online work
+        # first and preempts offline work for it, so online placement looks past them.
+        self.placed_offline: dict[str, int] = {}
         self.draining = False  # the router itself is shutting down
         self.in_flight = 0
         self.turn = itertools.count()
@@ -194,7 +197,7 @@ class RouterState:
 
     # ---- placement -----------------------------------------------------------------------------
 
-    def candidates(self, model: str | None, exclude: set[str]) -> list[Member]:
+    def candidates(self, model: str | None, exclude: set[str], offline: bool = False) -> list[Member]:
         now = time.time()
         up = [m for m in self.members if m.info.id not in exclude and self.status(m, now) is Status.UP]
         # Whole requests go to mixed instances while there are any (prefill/decode pairs are placed
@@ -202,21 +205,40 @@ class RouterState:
         up = [m for m in up if m.info.role is Role.MIXED] or up
         serving_model = [m for m in up if m.info.model == model]
         # A request naming a model nobody serves still goes somewhere: that instance answers the 404.
-        return [self.with_placed(m) for m in serving_model or up]
+        return [self.with_placed(m, offline) for m in serving_model or up]
 
-    def with_placed(self, member: Member) -> Member:
-        placed = self.placed.get(member.info.id, 0)
+    def with_placed(self, member: Member, offline: bool = False) -> Member:
+        """`member` with the load this router knows it has: for an offline request all of it,
+        for an online one the load without this router's offline requests (which the
+        instance preempts for online work)."""
+        iid = member.info.id
         load = member.load or InstanceLoad(updated_at=time.time())
-        if placed <= load.num_requests_running + load.num_requests_waiting:
+        published = load.num_requests_running + load.num_requests_waiting
+        mine_offline = self.placed_offline.get(iid, 0)
+        mine = self.placed.get(iid, 0)
+        queue = max(published, mine) if offline else max(published - mine_offline, mine - mine_offline, 0)
+        if queue == published:
             return member
-        return Member(member.info, replace(load, num_requests_running=placed - load.num_requests_waiting))
+        running = max(queue - load.num_requests_waiting, 0)
+        return Member(
+            member.info, replace(load, num_requests_running=running, num_requests_waiting=queue - running)
+        )
 
-    def place(self, instance_id: str, delta: int) -> None:
+    def place(self, instance_id: str, delta: int, offline: bool = False) -> None:
         self.placed[instance_id] = self.placed.get(instance_id, 0) + delta
+        if offline:
+            self.placed_offline[instance_id] = self.placed_offline.get(instance_id, 0) + delta
 
     def choose(
-        self, members: list[Member], token_ids: list[int] | None, cache_salt: str | None
+        self,
+        members: list[Member],
+        token_ids: list[int] | None,
+        cache_salt: str | None,
+        offline: bool = False,
     ) -> Member | None:
+        if offline:
+            # Offline work fills idle capacity: the instance with the most room, cache or not.
+            return policies.least_loaded(members)
         if self.policy is PolicyName.ROUND_ROBIN:
             return policies.round_robin(members, next(self.turn))
         if self.policy is PolicyName.LEAST_LOADED:
@@ -309,6 +331,13 @@ class Upstream:
         self.body = body
         self.headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
         self.token_ids: list[int] | None = None  # the prompt's, for cache-aware placement
+        # Anthropic's API has no priority: its requests are online.
+        priority = (
+            0
+            if isinstance(body, MessagesRequest)
+            else request_priority(body, request.headers.get(PRIORITY_HEADER))
+        )
+        self.offline = priority > 0
         self.tried: set[str] = set()
         self.failed_on: str | None = None  # the instance whose placement is being retried
         self.last_unavailable: httpx.Response | None = None
@@ -320,13 +349,14 @@ class Upstream:
         assert state.client is not None, "the router's lifespan creates the HTTP client"
         while True:
             salt = getattr(self.body, "cache_salt", None)
-            member = state.choose(state.candidates(self.body.model, self.tried), self.token_ids, salt)
+            candidates = state.candidates(self.body.model, self.tried, self.offline)
+            member = state.choose(candidates, self.token_ids, salt, self.offline)
             if member is None:
                 return None
             if self.failed_on is not None:
                 state.metrics.redispatched.labels(self.failed_on).inc()
             self.tried.add(member.info.id)
-            state.place(member.info.id, 1)
+            self.count(member, 1)
             url = member.info.url.rstrip("/") + self.request.url.path
             upstream = state.client.build_request("POST", url, content=content, headers=self.headers)
             try:
@@ -337,18 +367,18 @@ class Upstream:
                 logger.warning(
                     "instance %s unreachable (%s); re-dispatching", member.info.id, type(exc).__name__
                 )
-                state.place(member.info.id, -1)
+                self.count(member, -1)
                 self.lost(member)
                 continue
             if resp is None:
-                state.place(member.info.id, -1)
+                self.count(member, -1)
                 raise ClientGone
             if resp.status_code == 503:  # loading, draining or engine dead: someone else may serve it
                 if self.last_unavailable is not None:
                     await self.last_unavailable.aclose()
                 await resp.aread()
                 self.last_unavailable = resp
-                state.place(member.info.id, -1)
+                self.count(member, -1)
                 self.failed_on = member.info.id
                 continue
             state.metrics.routed.labels(member.info.id).inc()
@@ -374,6 +404,10 @@ class Upstream:
             finally:
                 await resp.aclose()
         return resp
+
+    def count(self, member: Member, delta: int) -> None:
+        """Counts (+1) or uncounts (-1) this request among `member`'s placements."""
+        self.state.place(member.info.id, delta, self.offline)
 
     def lost(self, member: Member) -> None:
         """`member` failed under a request: dead to placement until it publishes again."""
@@ -417,7 +451,7 @@ async def forward(state: RouterState, request: Request, body: RoutedRequest) -> 
     resp, member = placed
     headers = {**passed_headers(resp), INSTANCE_HEADER: member.info.id}
     if not body.stream or resp.status_code != 200:
-        state.place(member.info.id, -1)
+        upstream.count(member, -1)
         await upstream.close()
         return Response(resp.content, status_code=resp.status_code, headers=headers)
     relay = Relay(state, upstream, placed, payload if resume else None, progress, raw=anthropic)
@@ -470,7 +504,7 @@ class Relay:
         either one)."""
         if self.open:
             self.open = False
-            self.state.place(self.member.info.id, -1)
+            self.upstream.count(self.member, -1)
             await self.resp.aclose()
         await self.upstream.close()
 
@@ -551,7 +585,7 @@ class Relay:
             return "no other instance could continue it"
         resp, member = placed
         if resp.status_code != 200:
-            self.state.place(member.info.id, -1)
+            self.upstream.count(member, -1)
             logger.warning("instance %s refused the resumed stream: %s", member.info.id, resp.text[:200])
             return f"instance {member.info.id} refused to continue it"
         self.resp, self.member, self.open = resp, member, True
