@@ -177,7 +177,12 @@ async def test_completion_and_usage(client: httpx.AsyncClient, ref_llm: LLM) -> 
     assert body["choices"][0]["text"] == ref_text(ref_llm, "hi", 5)
     assert body["choices"][0]["finish_reason"] == "length"
     n_prompt = len(ref_llm.tokenizer("hi")["input_ids"])
-    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}
+    assert body["usage"] == {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": 5,
+        "total_tokens": n_prompt + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_completion_batch_prompts_n_echo_logprobs(client: httpx.AsyncClient, ref_llm: LLM) -> None:
@@ -219,7 +224,12 @@ async def test_completion_token_prompts(client: httpx.AsyncClient, ref_llm: LLM)
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert [c["text"] for c in body["choices"]] == [
         ref_text(ref_llm, [5, 70], 1),
         ref_text(ref_llm, [5, 71, 72], 1),

@@ -454,3 +454,14 @@ def test_bench_serve_json_has_every_metric(server: ServeProcess, tmp_path: Path)
             assert f"{stat}_{what}_ms" in m, (stat, what)
     assert m["mean_ttft_ms"] > 0 and m["mean_e2el_ms"] >= m["mean_ttft_ms"]
     assert m["request_goodput"] == pytest.approx(m["request_throughput"])
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(server: ServeProcess) -> None:
+    ids = [(7 * i + 3) % 400 + 11 for i in range(40)]  # a prompt no other test sends
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 2}
+    usages = [
+        httpx.post(f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["usage"]
+        for _ in range(2)
+    ]
+    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] == 32  # its two full 16-token blocks

@@ -69,6 +69,7 @@ class ChoiceDeltas:
         self._cursors: dict[int, _Cursor] = {}
         self._ready: deque[ChoiceDelta] = deque()
         self._latest: dict[int, CompletionOutput] = {}  # each choice's latest cumulative output
+        self._cached: dict[str, int] = {}  # per engine request: prompt tokens from the prefix cache
         self.first_token_s: float | None = None  # time.monotonic() of the first generated token
 
     async def start(self) -> None:
@@ -114,6 +115,10 @@ class ChoiceDeltas:
         return sum(len(o.token_ids) for o in self._latest.values())
 
     @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached.values())
+
+    @property
     def finish_reasons(self) -> list[str | None]:
         return [o.finish_reason for o in self._latest.values()]
 
@@ -128,6 +133,7 @@ class ChoiceDeltas:
         """Queue the deltas of one cumulative output."""
         if self.first_token_s is None and any(o.token_ids for o in out.outputs):
             self.first_token_s = time.monotonic()
+        self._cached[sub.engine_request_id] = out.num_cached_tokens
         for o in out.outputs:
             index = sub.choice_base + o.index
             self._latest[index] = o

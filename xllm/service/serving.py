@@ -49,6 +49,7 @@ from xllm.service.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptTokensDetails,
     SamplingFields,
     UsageInfo,
 )
@@ -92,6 +93,7 @@ class RequestContext:
     arrival_s: float
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     first_token_s: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
     priority: int = 0  # the engine's scheduling priority (see `request_priority`)
@@ -580,6 +582,7 @@ class Serving:
         """Record usage and latency metrics once the whole request has finished."""
         ctx.first_token_s = deltas.first_token_s
         ctx.completion_tokens = deltas.completion_tokens
+        ctx.cached_tokens = deltas.cached_tokens
         ctx.finish_reasons = [reason or "unknown" for reason in deltas.finish_reasons]
         e2e = time.monotonic() - ctx.arrival_s
         ttft = ctx.first_token_s - ctx.arrival_s if ctx.first_token_s is not None else None
@@ -594,6 +597,7 @@ class Serving:
             prompt_tokens=ctx.prompt_tokens,
             completion_tokens=ctx.completion_tokens,
             total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=ctx.cached_tokens),
         )
 
 
