@@ -30,3 +30,45 @@ def test_preemption_evicts_the_offline_request(make_llm):
             preempted_first = [s.request.request_id for s in engine.scheduler.waiting]
     assert preempted_first == ["offline"]
     assert finished == ["online", "offline"]
+
+
+def test_online_request_takes_the_seat_of_an_offline_one(make_llm):
+    # One seat: the offline request runs until an online one arrives, which takes its seat at once
+    # (the offline one is recomputed later) instead of waiting for it to finish.
+    llm = make_llm(max_num_seqs=1)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine.add_request("offline", list(range(100, 120)), params, priority=1)
+    for _ in range(3):
+        engine.step()
+    engine.add_request("online", list(range(200, 220)), params, priority=0)
+    finished = []
+    online_started_at_step = None
+    step = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        step += 1
+        running = [s.request.request_id for s in engine.scheduler.running]
+        if online_started_at_step is None and "online" in running:
+            online_started_at_step = step
+        finished += [o.request_id for o in outs if o.finished]
+    assert online_started_at_step == 1
+    assert finished == ["online", "offline"]
+    assert engine.scheduler.num_preemptions == 1
+
+
+def test_offline_preemption_keeps_greedy_output(make_llm):
+    llm = make_llm(max_num_seqs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([list(range(100, 120))], params, use_tqdm=False)[0].outputs[0].token_ids
+    engine = llm.engine
+    engine.add_request("offline", list(range(100, 120)), params, priority=1)
+    for _ in range(4):
+        engine.step()
+    engine.add_request("online", list(range(200, 220)), params, priority=0)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o.outputs[0].token_ids
+    assert outputs["offline"] == alone

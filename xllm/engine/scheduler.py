@@ -95,10 +95,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        seats_freed = self._free_seats_for_better_class(out)
 
-        # Running sequences: decodes (one token) before unfinished prefills.
+        # Running sequences by priority class (online work takes the token budget before offline
+        # work), then decodes (one token) before unfinished prefills.
         for seq in sorted(
-            self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, _queue_key(s))
+            self.running,
+            key=lambda s: (s.priority, s.num_tokens - s.num_computed_tokens > 1, _queue_key(s)),
         ):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
@@ -114,8 +117,9 @@ class Scheduler:
             scheduled_ids.add(seq.seq_id)
             budget -= num_new
 
-        # New work only when nothing was preempted: admitting it would just evict again.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        # New work only when nothing was evicted for blocks: admitting it would just evict again.
+        evicted = len(out.preempted) > seats_freed
+        while self.waiting and budget > 0 and not evicted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq)
@@ -135,6 +139,21 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         return out
+
+    def _free_seats_for_better_class(self, out: SchedulerOutput) -> int:
+        """With every seat taken, a waiting request of a better class than a running one (online
+        behind offline work) takes that one's seat at once; the evicted one is recomputed later.
+        Returns how many were evicted."""
+        freed = 0
+        queued = iter(list(self.waiting))
+        while len(self.running) >= self.max_num_seqs and self.running:
+            seq = next(queued, None)
+            victim = max(self.running, key=_queue_key)
+            if seq is None or victim.priority <= seq.priority:
+                break
+            self._preempt(victim, out)
+            freed += 1
+        return freed
 
     def _pick_victim(self, exclude: set[int]) -> Sequence:
         """The running sequence of lowest priority, then latest arrival; already-scheduled
