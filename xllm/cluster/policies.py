@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from xllm.cluster.registry import Member, Status
@@ -91,14 +91,16 @@ def least_loaded(members: Sequence[Member]) -> Member | None:
     return min(members, key=load_key, default=None)
 
 
-def cached_prefix_blocks(member: Member, digests: Sequence[str]) -> int:
-    """How many leading blocks of the prompt `member` holds in its prefix cache."""
-    if member.load is None or not member.load.cached_blocks:
+def cached_prefix_blocks(member: Member, digests: Sequence[str], routed: Container[str] = ()) -> int:
+    """How many leading blocks of the prompt `member` holds in its prefix cache, as it published
+    it or (`routed`) as the router knows from the prompts it sent there since."""
+    published = member.load.cached_blocks if member.load is not None else []
+    if not published and not routed:
         return 0
-    cached = set(member.load.cached_blocks)
+    cached = set(published)
     n = 0
     for d in digests:
-        if d not in cached:
+        if d not in cached and d not in routed:
             break
         n += 1
     return n
@@ -121,9 +123,15 @@ def cache_aware(
     token_ids: Sequence[int] | None,
     cache_salt: str | None = None,
     limits: CacheAwareLimits = CacheAwareLimits(),
+    routed: Mapping[str, Container[str]] | None = None,
 ) -> Member | None:
     """The member with the longest cached prefix of `token_ids`, unless it is overloaded (see
-    `CacheAwareLimits`); no hit at all, or no prompt ids, falls back to `least_loaded`."""
+    `CacheAwareLimits`); no hit at all, or no prompt ids, falls back to `least_loaded`.
+
+    `routed` (instance id -> block digests) is what the router itself sent each member since:
+    published caches lag by up to a second, and a burst of requests sharing a prefix would
+    otherwise scatter before the first one's blocks are published (SGLang's router keeps such
+    an approximate tree of its own routing for the same reason)."""
     least = least_loaded(members)
     if least is None or not token_ids:
         return least
@@ -135,7 +143,8 @@ def cache_aware(
         if bs not in digests_by_block_size:
             digests_by_block_size[bs] = prompt_block_digests(token_ids, bs, cache_salt)
         # Compare hit lengths in tokens: members with different block sizes stay comparable.
-        tokens = cached_prefix_blocks(m, digests_by_block_size[bs]) * bs
+        mine = routed.get(m.info.id, ()) if routed is not None else ()
+        tokens = cached_prefix_blocks(m, digests_by_block_size[bs], mine) * bs
         if tokens > best_tokens:
             best, best_tokens = m, tokens
     if best is None or overloaded(best, least, limits):

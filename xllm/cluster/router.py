@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -51,11 +53,16 @@ logger = logging.getLogger("xllm.cluster")
 RoutedRequest = CompletionRequest | ChatCompletionRequest | MessagesRequest
 
 POLL_INTERVAL_S = 0.5
+MAX_ROUTED_DIGESTS = 16384  # per instance: the blocks of a few hundred long prompts
 # Headers of an instance's response that reach the client (hop-by-hop ones and the length, which
 # the router's own framing sets, do not).
 PASSED_RESPONSE_HEADERS = ("content-type", "x-request-id", "retry-after", "cache-control", "www-authenticate")
 PASSED_REQUEST_HEADERS = ("authorization", "content-type", "x-api-key", "accept", "x-priority")
 INSTANCE_HEADER = "x-xllm-instance"  # which instance served the request: the recorded path
+
+
+class PolicyChange(BaseModel):
+    policy: PolicyName
 
 
 class NoInstanceError(OpenAIError):
@@ -142,6 +149,9 @@ class RouterState:
         # Of those, the offline ones (priority > 0): an instance's scheduler runs online work
         # first and preempts offline work for it, so online placement looks past them.
         self.placed_offline: dict[str, int] = {}
+        # Prompt block digests this router sent to each instance (most recent last, bounded):
+        # cache-aware placement counts them as cached before the instance publishes them.
+        self.routed: dict[str, OrderedDict[str, None]] = {}
         self.draining = False  # the router itself is shutting down
         self.in_flight = 0
         self.turn = itertools.count()
@@ -169,6 +179,8 @@ class RouterState:
         live = {m.info.id for m in self.members}
         for gone in set(self.unreachable) - live:
             del self.unreachable[gone]
+        for gone in set(self.routed) - live:  # a restarted instance starts with a cold cache
+            del self.routed[gone]
         if self.policy is PolicyName.CACHE_AWARE and self.tokenizer is None and self.tokenizer_path is None:
             self.tokenizer_path = default_tokenizer_path(self.members)
             if self.tokenizer_path is not None:
@@ -243,7 +255,17 @@ class RouterState:
             return policies.round_robin(members, next(self.turn))
         if self.policy is PolicyName.LEAST_LOADED:
             return policies.least_loaded(members)
-        return policies.cache_aware(members, token_ids, cache_salt, self.limits)
+        return policies.cache_aware(members, token_ids, cache_salt, self.limits, self.routed)
+
+    def record_route(self, member: Member, token_ids: list[int] | None, cache_salt: str | None) -> None:
+        if not token_ids or self.policy is not PolicyName.CACHE_AWARE:
+            return
+        routed = self.routed.setdefault(member.info.id, OrderedDict())
+        for digest in policies.prompt_block_digests(token_ids, member.info.block_size, cache_salt):
+            routed[digest] = None
+            routed.move_to_end(digest)
+        while len(routed) > MAX_ROUTED_DIGESTS:
+            routed.popitem(last=False)
 
     def prompt_ids(self, body: RoutedRequest) -> list[int] | None:
         """The (first) prompt's token ids as the instance will see them, for cache-aware placement;
@@ -357,6 +379,7 @@ class Upstream:
                 state.metrics.redispatched.labels(self.failed_on).inc()
             self.tried.add(member.info.id)
             self.count(member, 1)
+            state.record_route(member, self.token_ids, salt)
             url = member.info.url.rstrip("/") + self.request.url.path
             upstream = state.client.build_request("POST", url, content=content, headers=self.headers)
             try:
@@ -716,6 +739,20 @@ def create_router_app(
             }
             for m, status in state.statuses()
         ]
+
+    @app.get("/cluster/policy")
+    async def get_policy() -> dict[str, str]:
+        return {"policy": state.policy.value}
+
+    @app.put("/cluster/policy")
+    async def set_policy(body: PolicyChange) -> dict[str, str]:
+        """Switches the placement policy of this router (benchmarks compare policies this way)."""
+        state.policy = body.policy
+        if state.policy is PolicyName.CACHE_AWARE and state.tokenizer is None:
+            state.tokenizer_path = state.tokenizer_path or default_tokenizer_path(state.members)
+            await asyncio.to_thread(state.load_tokenizer)
+        logger.info("placement policy now %s", state.policy.value)
+        return {"policy": state.policy.value}
 
     @app.post("/cluster/instances/{instance_id}/drain")
     async def drain(instance_id: str) -> dict[str, Any]:
