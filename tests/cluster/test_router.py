@@ -338,3 +338,57 @@ def test_killed_instances_are_skipped_then_503(cluster, router):
     err = assert_openai_error(completion(r.url), 503)
     assert err["code"] == "no_instance"
     assert httpx.get(f"{r.url}/health").status_code == 503
+
+
+def test_bench_serve_cluster_workloads_report_their_figures(cluster, router, tmp_path, tiny_llama_dir):
+    """`xllm bench serve --workload shared-prefix|mixed` through the router: the report's numbers
+    come from real responses (prefix hits from usage.prompt_tokens_details)."""
+    from xllm.cli.main import main as cli_main
+
+    r = router("cache_aware", tokenizer_path=str(tiny_llama_dir))
+    common = ["bench", "serve", "--base-url", r.url, "--no-progress", "--output-len", "2"]
+    prefix_json = tmp_path / "prefix.json"
+    assert (
+        cli_main(
+            [
+                *common,
+                "--workload",
+                "shared-prefix",
+                "--compare-policies",
+                "cache_aware,round_robin",
+                "--num-prompts",
+                "8",
+                "--prefix-groups",
+                "2",
+                "--prefix-len",
+                "48",
+                "--input-len",
+                "4",
+                "--max-concurrency",
+                "2",
+                "--tokenizer",
+                str(tiny_llama_dir),
+                "--json",
+                str(prefix_json),
+            ]
+        )
+        == 0
+    )
+    runs = json.loads(prefix_json.read_text())["runs"]
+    assert [run["run"] for run in runs] == ["cache_aware", "round_robin"]
+    assert all(run["completed"] == 8 for run in runs)
+    assert runs[0]["prefix_hit_rate"] > 0.3  # 6 of 8 prompts reuse a 48-token prefix
+    assert httpx.get(f"{r.url}/cluster/policy").json() == {"policy": "round_robin"}
+    mixed_json = tmp_path / "mixed.json"
+    args = ["--workload", "mixed", "--num-prompts", "3", "--request-rate", "20", "--input-len", "8"]
+    args += ["--offline-concurrency", "2", "--offline-output-len", "4", "--json", str(mixed_json)]
+    assert cli_main([*common, *args]) == 0
+    mixed = json.loads(mixed_json.read_text())["runs"]
+    assert [run["run"] for run in mixed] == [
+        "online alone",
+        "online + offline (priority 1)",
+        "online + offline (priority 0)",
+    ]
+    assert all(run["completed"] == 3 and run["p99_ttft_ms"] > 0 for run in mixed)
+    assert mixed[0]["offline_completed"] == 0
+    assert mixed[1]["offline_completed"] > 0 and mixed[2]["offline_completed"] > 0  # the flood ran beside

@@ -48,6 +48,7 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (usage details)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,6 +79,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--workload",
+        choices=["random", "mixed", "shared-prefix"],
+        default="random",
+        help="random: independent prompts; mixed: online requests alone, then beside an offline "
+        "flood at priority 1 and at priority 0; shared-prefix: prompts sharing a few long prefixes",
+    )
+    p.add_argument(
+        "--offline-concurrency", type=int, default=8, help="mixed: offline requests kept in flight"
+    )
+    p.add_argument("--offline-output-len", type=int, default=None, help="mixed: offline tokens per request")
+    p.add_argument("--prefix-groups", type=int, default=4, help="shared-prefix: distinct shared prefixes")
+    p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens in each shared prefix")
+    p.add_argument(
+        "--compare-policies",
+        default=None,
+        help="shared-prefix against an xllm router: run once per policy (e.g. cache_aware,round_robin), "
+        "switching the router's policy in between",
+    )
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
@@ -248,6 +268,7 @@ async def _one_request(
         if usage:
             result.prompt_len = int(usage.get("prompt_tokens", prompt_words))
             result.output_len = int(usage.get("completion_tokens", chunks))
+            result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         else:
             result.output_len = chunks
         result.success = chunks > 0
@@ -258,65 +279,125 @@ async def _one_request(
     return result
 
 
-async def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[RequestResult]]:
-    import httpx
+@dataclass(slots=True)
+class Target:
+    """Where and how requests go: one server (or router), one endpoint, one model."""
+
+    client: Any
+    base_url: str
+    headers: dict[str, str]
+    model: str
+    chat: bool
+    timeout: float
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1/chat/completions" if self.chat else f"{self.base_url}/v1/completions"
+
+    def payload(self, prompt: str, output_len: int, **extra: Any) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": output_len,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
+        if self.chat:
+            payload["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            payload["prompt"] = prompt
+        return payload
+
+    async def request(self, prompt: str, output_len: int, prompt_words: int, **extra: Any) -> RequestResult:
+        payload = self.payload(prompt, output_len, **extra)
+        return await _one_request(self.client, self.url, self.headers, payload, prompt_words, self.chat)
+
+
+async def drive(
+    target: Target,
+    prompts: list[str],
+    output_len: int,
+    prompt_words: int,
+    request_rate: float,
+    max_concurrency: int | None,
+    rng: random.Random,
+    progress: bool,
+    **extra: Any,
+) -> tuple[list[RequestResult], float]:
+    """Sends `prompts` (Poisson arrivals at `request_rate`, or all at once under
+    `max_concurrency`); returns each request's result and the wall time."""
     from tqdm.asyncio import tqdm
 
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(prompts), disable=not progress, desc="requests")
+
+    async def limited(prompt: str) -> RequestResult:
+        if semaphore is None:
+            r = await target.request(prompt, output_len, prompt_words, **extra)
+        else:
+            async with semaphore:
+                r = await target.request(prompt, output_len, prompt_words, **extra)
+        bar.update(1)
+        return r
+
+    start = time.perf_counter()
+    tasks = []
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(limited(prompt)))
+        if math.isfinite(request_rate) and request_rate > 0:
+            await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    bar.close()
+    return list(results), duration
+
+
+async def open_target(args: argparse.Namespace, client: Any) -> Target:
     base_url = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or await _resolve_model(client, base_url, headers)
+    return Target(client, base_url, headers, model, args.endpoint == "chat", args.timeout)
+
+
+def load_tokenizer(args: argparse.Namespace) -> Any:
+    if not args.tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.tokenizer)
+
+
+def http_client(args: argparse.Namespace, connections: int) -> Any:
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(connections, 1), max_keepalive_connections=None)
+    return httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits)
+
+
+async def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[RequestResult]]:
     rng = random.Random(args.seed)
-    chat = args.endpoint == "chat"
-    url = f"{base_url}/v1/chat/completions" if chat else f"{base_url}/v1/completions"
-    limits = httpx.Limits(
-        max_connections=args.max_concurrency or args.num_prompts, max_keepalive_connections=None
-    )
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
-        model = args.model or await _resolve_model(client, base_url, headers)
-        tokenizer = None
-        if args.tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    async with http_client(args, args.max_concurrency or args.num_prompts) as client:
+        target = await open_target(args, client)
+        tokenizer = load_tokenizer(args)
         prompts = [random_prompt(rng, args.input_len, tokenizer) for _ in range(args.num_prompts)]
-        semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-        bar = tqdm(total=args.num_prompts, disable=args.no_progress, desc="requests")
-
-        async def limited(prompt: str) -> RequestResult:
-            payload: dict[str, Any] = {
-                "model": model,
-                "max_tokens": args.output_len,
-                "ignore_eos": True,
-                "temperature": 0.0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            if chat:
-                payload["messages"] = [{"role": "user", "content": prompt}]
-            else:
-                payload["prompt"] = prompt
-            if semaphore is None:
-                r = await _one_request(client, url, headers, payload, args.input_len, chat)
-            else:
-                async with semaphore:
-                    r = await _one_request(client, url, headers, payload, args.input_len, chat)
-            bar.update(1)
-            return r
-
-        start = time.perf_counter()
-        tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(limited(prompt)))
-            if math.isfinite(args.request_rate) and args.request_rate > 0:
-                await asyncio.sleep(rng.expovariate(args.request_rate))  # Poisson arrivals
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        bar.close()
-    metrics = compute_metrics(list(results), duration, parse_slo(args.slo))
+        results, duration = await drive(
+            target,
+            prompts,
+            args.output_len,
+            args.input_len,
+            args.request_rate,
+            args.max_concurrency,
+            rng,
+            not args.no_progress,
+        )
+    metrics = compute_metrics(results, duration, parse_slo(args.slo))
     metrics.update(
         {
-            "model_id": model,
+            "model_id": target.model,
             "endpoint": args.endpoint,
-            "base_url": base_url,
+            "base_url": target.base_url,
             "num_prompts": args.num_prompts,
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
             "max_concurrency": args.max_concurrency,
@@ -325,7 +406,7 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[
             "errors": [r.error for r in results if not r.success][:20],
         }
     )
-    return metrics, list(results)
+    return metrics, results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -341,6 +422,10 @@ def run(args: argparse.Namespace) -> int:
         parse_slo(args.slo)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
+    if args.workload != "random":
+        from xllm.bench import serve_workloads
+
+        return serve_workloads.run(args)
     try:
         metrics, results = asyncio.run(run_benchmark(args))
     except Exception as exc:  # e.g. the server is not reachable for /v1/models
