@@ -319,27 +319,6 @@ def test_router_command_with_embedded_registry_drains_on_sigterm(cluster, tmp_pa
         log.close()
 
 
-def test_killed_instances_are_skipped_then_503(cluster, router):
-    _, servers, _ = cluster
-    r = router()
-    servers["a"].proc.kill()
-    servers["a"].proc.wait(10)
-    # The registry still lists "a" as up: a connection refused re-dispatches to "b".
-    for _ in range(4):
-        resp = completion(r.url)
-        assert resp.status_code == 200, resp.text
-        assert resp.headers[INSTANCE_HEADER] == "b"
-    metrics = httpx.get(f"{r.url}/metrics").text
-    assert 'xllm:router_requests_redispatched_total{instance="a"} 1.0' in metrics
-    statuses = {i["id"]: i["status"] for i in httpx.get(f"{r.url}/cluster/instances").json()}
-    assert statuses == {"a": "dead", "b": "up"}
-    servers["b"].proc.kill()
-    servers["b"].proc.wait(10)
-    err = assert_openai_error(completion(r.url), 503)
-    assert err["code"] == "no_instance"
-    assert httpx.get(f"{r.url}/health").status_code == 503
-
-
 def test_bench_serve_cluster_workloads_report_their_figures(cluster, router, tmp_path, tiny_llama_dir):
     """`xllm bench serve --workload shared-prefix|mixed` through the router: the report's numbers
     come from real responses (prefix hits from usage.prompt_tokens_details)."""
@@ -392,3 +371,24 @@ def test_bench_serve_cluster_workloads_report_their_figures(cluster, router, tmp
     assert all(run["completed"] == 3 and run["p99_ttft_ms"] > 0 for run in mixed)
     assert mixed[0]["offline_completed"] == 0
     assert mixed[1]["offline_completed"] > 0 and mixed[2]["offline_completed"] > 0  # the flood ran beside
+
+
+def test_killed_instances_are_skipped_then_503(cluster, router):
+    _, servers, _ = cluster
+    r = router()
+    servers["a"].proc.kill()
+    servers["a"].proc.wait(10)
+    # The registry still lists "a" as up: a connection refused re-dispatches to "b".
+    for _ in range(4):
+        resp = completion(r.url)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers[INSTANCE_HEADER] == "b"
+    metrics = httpx.get(f"{r.url}/metrics").text
+    assert 'xllm:router_requests_redispatched_total{instance="a"} 1.0' in metrics
+    statuses = {i["id"]: i["status"] for i in httpx.get(f"{r.url}/cluster/instances").json()}
+    assert statuses == {"a": "dead", "b": "up"}
+    servers["b"].proc.kill()
+    servers["b"].proc.wait(10)
+    err = assert_openai_error(completion(r.url), 503)
+    assert err["code"] == "no_instance"
+    assert httpx.get(f"{r.url}/health").status_code == 503
