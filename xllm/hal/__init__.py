@@ -15,6 +15,16 @@ from xllm.hal.errors import (
     UnmappedMemoryError,
 )
 from xllm.hal.graphs import DEFAULT_CAPTURE_SIZES, EagerGraphRunner, GraphInput, GraphRunner
+from xllm.hal.kv_transfer import (
+    KVLayout,
+    KVLayoutMismatchError,
+    KVTransferCancelled,
+    KVTransferEngine,
+    KVTransferError,
+    KVTransferTimeout,
+    TransferEngineState,
+    TransferStats,
+)
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata, pad_token_lists
 from xllm.hal.registry import (
@@ -43,6 +53,12 @@ __all__ = [
     "GraphInput",
     "GraphRunner",
     "HALError",
+    "KVLayout",
+    "KVLayoutMismatchError",
+    "KVTransferCancelled",
+    "KVTransferEngine",
+    "KVTransferError",
+    "KVTransferTimeout",
     "MemInfo",
     "NotSupportedError",
     "SampleOutput",
@@ -50,6 +66,8 @@ __all__ = [
     "Stream",
     "SyncEvent",
     "SyncStream",
+    "TransferEngineState",
+    "TransferStats",
     "UnknownBackendError",
     "UnmappedMemoryError",
     "XTensor",

@@ -21,6 +21,7 @@ import torch
 from xllm.hal.comm import Communicator
 from xllm.hal.errors import DeviceFaultError, NotSupportedError
 from xllm.hal.graphs import GraphInput, GraphRunner
+from xllm.hal.kv_transfer import KVTransferEngine
 from xllm.hal.memory import MemInfo, XTensor
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 from xllm.hal.streams import Event, Stream
@@ -349,6 +350,22 @@ class Backend(ABC):
         if not 0 <= rank < world_size:
             raise ValueError(f"create_communicator: argument 'rank' must be in [0, {world_size}), got {rank}")
         return self._create_communicator(rank, world_size, init_method)
+
+    def create_kv_transfer(
+        self, host: str = "127.0.0.1", port: int = 0, **options: object
+    ) -> KVTransferEngine:
+        """A started `KVTransferEngine` listening on `host`:`port` (0: any free port), for moving KV
+        blocks between instances that share no process group (see `xllm.hal.kv_transfer`).
+
+        The default works on every backend: TCP, with device caches staged through host memory
+        (`xllm.hal.tcp_kv_transfer`; `options` are its keyword options, e.g. ``name``,
+        ``advertise_host``, ``expect_timeout_s``). A backend overrides it to pin its staging
+        memory or to use a device transport (NCCL, HCCL, RDMA).
+        """
+        from xllm.hal.tcp_kv_transfer import TcpKVTransferEngine  # sockets and threads only when asked
+
+        options.setdefault("synchronize", lambda device: self.synchronize(device.index or 0))
+        return TcpKVTransferEngine(host, port, **options).start()
 
     # ------------------------------------------------------------------ faults
 

@@ -33,6 +33,7 @@ from xllm.hal import (
     Event,
     GraphInput,
     GraphRunner,
+    KVTransferEngine,
     MemInfo,
     NotSupportedError,
     SampleOutput,
@@ -245,6 +246,14 @@ class CudaBackend(Backend):
         # One GPU per rank, the usual tensor-parallel layout within a node.
         device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         return TorchDistCommunicator(rank, world_size, init_method, "nccl", device)
+
+    def create_kv_transfer(
+        self, host: str = "127.0.0.1", port: int = 0, **options: object
+    ) -> KVTransferEngine:
+        # TCP like the default, with pinned staging for GPU caches (see kv_transfer.py).
+        from xllm.backends.cuda.kv_transfer import create_cuda_kv_transfer
+
+        return create_cuda_kv_transfer(host, port, **options)
 
     # ------------------------------------------------------------------ faults
 

@@ -154,3 +154,4 @@ def _ensure_builtin_kinds() -> None:
     # Imported lazily: the kind modules import this one to register themselves.
     import xllm.hal.conformance.ops  # noqa: F401
     import xllm.hal.conformance.system  # noqa: F401
+    import xllm.hal.conformance.transfer  # noqa: F401
