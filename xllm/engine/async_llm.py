@@ -140,6 +140,15 @@ class AsyncLLM:
             if not finished:
                 self._send(("abort", request_id, None))
 
+    def send_held_kv(self, transfer_id: str, destination: str, first_block: int, num_tokens: int):
+        """Sends prompt KV this (prefill) engine holds to a decode instance's transfer engine.
+        Blocking, from any thread but the engine's: held blocks are read, never written, and the
+        hold ends on the engine thread once the send is over."""
+        self._check_alive()
+        stats = self.engine.handoff.send_held(transfer_id, destination, first_block, num_tokens)
+        self._wakeup.set()
+        return stats
+
     async def abort(self, request_id: str) -> None:
         """Aborts a request; its stream ends with finish_reason "abort". Returns at once when the
         engine is dead or stopped (there is nothing left to abort)."""

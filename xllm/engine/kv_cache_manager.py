@@ -239,6 +239,20 @@ class KVCacheManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
+    def hold_block(self, block_id: int) -> None:
+        """One more reference to a block, owned by no sequence (KV held for a decode instance)."""
+        self._take(block_id)
+
+    def release_block(self, block_id: int) -> None:
+        """Drops a `hold_block` reference."""
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double release of block {block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None
+            if block.block_hash is None:
+                self.free_blocks.move_to_end(block_id, last=False)
+
     def reset_prefix_cache(self) -> None:
         for h, block_id in list(self.cached_blocks.items()):
             if self.blocks[block_id].ref_count == 0:

@@ -23,6 +23,7 @@ from xllm.engine.errors import PromptTooLongError
 from xllm.engine.faults import StepFaults, describe
 from xllm.engine.kv_cache_manager import KVCacheManager
 from xllm.engine.kv_cache_sizing import log_kv_cache_plan, plan_kv_cache
+from xllm.engine.kv_handoff import HandoffStats, KVHandoff, KVSource
 from xllm.engine.model_runner import ModelRunner, SampledToken
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
@@ -48,6 +49,7 @@ class EngineStats:
     generation_tokens_total: int
     num_preemptions: int
     num_failed_steps: int = 0  # model steps that raised, over the engine's life
+    kv_transfer: HandoffStats | None = None  # prefill/decode hand-off counters
 
     @property
     def kv_cache_usage(self) -> float:
@@ -125,6 +127,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.faults = StepFaults(config.max_consecutive_step_failures)  # see step()
+        # Prefill/decode hand-off; its transfer engine (a listening socket) starts on first use.
+        self.handoff = KVHandoff(self.backend, self.kv_cache, lambda: self.kv_caches)
 
     def _choose_dtype(self, model_path: str) -> torch.dtype:
         """dtype="auto": the checkpoint's dtype where the backend computes it natively, else
@@ -165,6 +169,7 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         resumed = self._resumed_ids(prompt, params)
+        kv_hold, kv_source = self._kv_handoff_options(prompt, params, resumed)
         self._check_prompt(token_ids, len(resumed))
         remaining = self.max_model_len - len(token_ids)
         if params.max_tokens is None or params.max_tokens > remaining:
@@ -204,8 +209,10 @@ class LLMEngine:
             request.seqs.append(seq)
         if resumed:
             self._resume(request.seqs[0], resumed)
+        request.kv_hold = kv_hold
         self.requests[request_id] = request
-        self.scheduler.add(request.seqs[0])
+        if kv_source is None or not self.handoff.start_receive(request.seqs[0], kv_source):
+            self.scheduler.add(request.seqs[0])
         for sibling in request.seqs[1:]:
             sibling.status = SequenceStatus.HELD  # forked from sequence 0 once the prompt is computed
         self.prompt_tokens_total += len(token_ids)
@@ -226,6 +233,28 @@ class LLMEngine:
                 f"{len(ids)} resumed tokens leave nothing to generate under max_tokens={params.max_tokens}"
             )
         return ids
+
+    def _kv_handoff_options(
+        self, prompt: PromptInput, params: SamplingParams, resumed: list[int]
+    ) -> tuple[bool, KVSource | None]:
+        """A prompt dict's ``kv_hold`` (prefill side: keep the prompt's KV for a decode instance)
+        and ``kv_source`` (decode side: receive it; needs the prefill's token as resumed output)."""
+        if not isinstance(prompt, dict):
+            return False, None
+        hold = bool(prompt.get("kv_hold"))
+        source = prompt.get("kv_source")
+        if (hold or source is not None) and params.n != 1:
+            raise ValueError("prefill/decode hand-off needs n = 1")
+        if source is not None:
+            if not isinstance(source, KVSource):
+                raise ValueError("kv_source must be a KVSource")
+            if not resumed:
+                raise ValueError(
+                    "a request receiving its KV needs the prefill's token(s) as resume_token_ids"
+                )
+            if params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs need the prompt computed here, not received")
+        return hold, source
 
     def _resume(self, seq: Sequence, token_ids: list[int]) -> None:
         """Replays resumed output tokens through the stop checks and the detokenizer (not the
@@ -322,7 +351,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests to run, or KV held for (or on its way from) another instance to look after."""
+        return bool(self.requests) or self.handoff.has_work()
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that advanced or finished.
@@ -331,8 +361,14 @@ class LLMEngine:
         (see `_step_failed`).
         """
         self.faults.check_alive()
+        if self.handoff.has_work():
+            self._admit_received()
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.handoff.receiving:  # only transfers to wait for: do not spin
+                self.handoff.wait(0.005)
+            elif self.handoff.held and not self.requests:
+                self.handoff.wait(0.02)
             return []
         now = time.monotonic()
         for item in sched.scheduled:
@@ -367,6 +403,20 @@ class LLMEngine:
             if r.is_finished:
                 self.requests.pop(r.request_id, None)
         return outputs
+
+    def _admit_received(self) -> None:
+        """Sequences whose prompt KV arrived run from their first decode; those whose transfer
+        failed are prefilled here instead."""
+        ready, failed = self.handoff.poll()
+        for seq in ready:
+            seq.num_computed_tokens = seq.num_prompt_tokens
+            self.kv_cache.commit_computed_blocks(seq)
+            self.kv_cache.record_prefix_hit(seq)
+            self.scheduler.add_running(seq)
+        for seq, why in failed:
+            logger.warning("%s; prefilling request %s here instead", why, seq.request.request_id)
+            self.kv_cache.free(seq)
+            self.scheduler.add(seq)
 
     def _step_failed(self, exc: Exception, scheduled: list[ScheduledSequence]) -> list[RequestOutput]:
         """Handles a model step that raised.
@@ -439,7 +489,11 @@ class LLMEngine:
         if not isinstance(stop_reason, str):  # a stop string cut the text; otherwise it is all there
             seq.detokenizer.flush()
         seq.text = seq.detokenizer.text
-        if seq.status is not SequenceStatus.HELD:
+        if seq.request.kv_hold and reason == "length" and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            seq.request.kv_transfer_params = self.handoff.hold(seq)
+        if self.handoff.cancel(seq):  # aborted while its KV was on the way
+            self.kv_cache.free(seq)
+        elif seq.status is not SequenceStatus.HELD:
             self.scheduler.remove(seq)
         else:
             assert not seq.block_table
@@ -470,6 +524,7 @@ class LLMEngine:
             metrics=request.metrics,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
             error=request.error,
+            kv_transfer_params=request.kv_transfer_params,
         )
 
     # ------------------------------------------------------------------ introspection
@@ -485,6 +540,7 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
             num_failed_steps=self.faults.total,
+            kv_transfer=self.handoff.snapshot(),
         )
 
     def cached_block_digests(self, limit: int) -> list[bytes]:

@@ -60,3 +60,5 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     error: str | None = field(default=None)  # set when the engine failed this request
+    # Set on a kv_hold request's last output when its prompt KV is held for a decode instance.
+    kv_transfer_params: dict | None = None

@@ -92,6 +92,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
     error: str | None = None
+    kv_hold: bool = False  # keep the prompt's KV for a decode instance when it ends (prefill role)
+    kv_transfer_params: dict | None = None  # what the decode side needs to fetch the held KV
 
     @property
     def is_finished(self) -> bool:
