@@ -561,6 +561,7 @@ ENGINE_CLIENT_MEMBERS = {
     "errored",
     "generate",
     "abort",
+    "send_held_kv",
     "stats",
     "cached_block_digests",
     "default_sampling_params",
@@ -594,6 +595,9 @@ class ProtocolOnlyEngine:
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
+
+    def send_held_kv(self, transfer_id: str, destination: str, first_block: int, num_tokens: int) -> Any:
+        return self._engine.send_held_kv(transfer_id, destination, first_block, num_tokens)
 
     def stats(self) -> EngineStats:
         return self._engine.stats()

@@ -35,6 +35,7 @@ from xllm.service.anthropic_protocol import AnthropicErrorResponse, MessagesRequ
 from xllm.service.anthropic_serving import MessagesServing
 from xllm.service.engine_client import EngineClient
 from xllm.service.errors import OpenAIError, install_error_handlers, internal_error
+from xllm.service.kv_source import KV_SEND_PATH
 from xllm.service.metrics import ServiceMetrics
 from xllm.service.protocol import (
     ChatCompletionChunk,
@@ -44,6 +45,7 @@ from xllm.service.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    KVSendRequest,
     ModelCard,
     ModelList,
     dump,
@@ -257,6 +259,12 @@ class ServiceMiddleware:
         start = time.monotonic()
         rid = new_request_id(REQUEST_ID_PREFIXES.get(path, "req"))
         ctx = RequestContext(request_id=rid, arrival_s=start)
+        # Credentials a decode part passes on when it asks a prefill instance for KV.
+        ctx.auth_headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers", [])
+            if k in (b"authorization", b"x-api-key")
+        }
         scope.setdefault("state", {})["ctx"] = ctx
         status = {"code": 0, "started": False}
 
@@ -453,6 +461,11 @@ def create_app(
         ctx: RequestContext = request.state.ctx
         ctx.priority = request_priority(body, request.headers.get(PRIORITY_HEADER))
         return await respond(request, serving().chat(body, ctx))
+
+    @app.post(KV_SEND_PATH, responses=ERROR_RESPONSES)
+    async def kv_send(body: KVSendRequest) -> dict[str, Any]:
+        """Prefill/decode hand-off: a decode instance asks for the prompt KV this one holds."""
+        return await serving().send_held_kv(body)
 
     # Anthropic's Messages API; its route class answers its errors in Anthropic's shape.
     anthropic = APIRouter(route_class=AnthropicRoute)

@@ -71,6 +71,7 @@ class ChoiceDeltas:
         self._latest: dict[int, CompletionOutput] = {}  # each choice's latest cumulative output
         self._cached: dict[str, int] = {}  # per engine request: prompt tokens from the prefix cache
         self.first_token_s: float | None = None  # time.monotonic() of the first generated token
+        self.kv_transfer_params: dict | None = None  # a prefill part's held-KV handle
 
     async def start(self) -> None:
         """Wait for the first output, so that an engine refusal (e.g. a too-long prompt) is still
@@ -134,6 +135,8 @@ class ChoiceDeltas:
         if self.first_token_s is None and any(o.token_ids for o in out.outputs):
             self.first_token_s = time.monotonic()
         self._cached[sub.engine_request_id] = out.num_cached_tokens
+        if out.kv_transfer_params is not None:
+            self.kv_transfer_params = out.kv_transfer_params
         for o in out.outputs:
             index = sub.choice_base + o.index
             self._latest[index] = o

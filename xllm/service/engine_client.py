@@ -68,6 +68,10 @@ class EngineClient(Protocol):
         ValueError before yielding anything when the request is refused, EngineDeadError when the
         engine dies. Closing the iterator early aborts the request."""
 
+    def send_held_kv(self, transfer_id: str, destination: str, first_block: int, num_tokens: int) -> Any:
+        """Sends prompt KV held for a decode instance (blocking: call it from a worker thread)."""
+        ...
+
     async def abort(self, request_id: str) -> None:
         """Stops a request and frees its KV blocks; its stream ends with finish_reason "abort"."""
 
@@ -115,6 +119,10 @@ class SubRequest:
     # as token ids and as characters of text; its deltas start after them.
     resume_ids: list[int] = field(default_factory=list)
     resume_text_offset: int = 0
+    # Prefill/decode hand-off: hold the prompt's KV for a decode instance (prefill part), or
+    # receive it from where it is held (decode part; see `xllm.service.kv_source`).
+    kv_hold: bool = False
+    kv_source: Any = None
 
 
 @dataclass(slots=True)
@@ -159,6 +167,10 @@ class EngineRun:
                 prompt["prompt"] = sub.prompt_text
             if sub.resume_ids:
                 prompt["resume_token_ids"] = sub.resume_ids
+            if sub.kv_hold:
+                prompt["kv_hold"] = True
+            if sub.kv_source is not None:
+                prompt["kv_source"] = sub.kv_source
             async for out in self.engine.generate(prompt, sub.params, sub.engine_request_id, sub.priority):
                 await self._queue.put((i, out, None))
         except BaseException as exc:  # handed to the consumer, which decides the HTTP status

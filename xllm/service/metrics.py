@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from xllm.engine.kv_handoff import LATENCY_BUCKETS_S
+
 if TYPE_CHECKING:
+    from xllm.engine.kv_handoff import HandoffStats
     from xllm.service.engine_client import EngineClient
 
 # vLLM's buckets, so dashboards built for vLLM read these unchanged.
@@ -141,6 +144,7 @@ class EngineStatsCollector(Collector):
             "Model steps that raised (their requests failed; a run of them stops the engine).",
             s.num_failed_steps,
         )
+        yield from self._kv_transfer(s.kv_transfer, labels, values)
         # 1 once the engine has stopped for good (a device fault or too many failed steps in a
         # row): /health answers 503 and `xllm serve` is about to exit with status 1.
         yield gauge(
@@ -148,6 +152,54 @@ class EngineStatsCollector(Collector):
             "1 if the engine has stopped and cannot serve.",
             1.0 if engine.errored else 0.0,
         )
+
+    @staticmethod
+    def _kv_transfer(t: HandoffStats | None, labels: list[str], values: list[str]) -> Iterator[Metric]:
+        """Prefill/decode hand-off: transfers, bytes, blocks, failures by reason, latency."""
+        if t is None:
+            return
+        for name, doc, sent, received in (
+            ("xllm:kv_transfers", "KV transfers completed, by direction.", t.sends, t.receives),
+            ("xllm:kv_transfer_bytes", "KV bytes transferred, by direction.", t.bytes_sent, t.bytes_received),
+            (
+                "xllm:kv_transfer_blocks",
+                "KV blocks transferred, by direction.",
+                t.blocks_sent,
+                t.blocks_received,
+            ),
+        ):
+            c = CounterMetricFamily(name, doc, labels=[*labels, "direction"])
+            c.add_metric([*values, "sent"], float(sent))
+            c.add_metric([*values, "received"], float(received))
+            yield c
+        failures = CounterMetricFamily(
+            "xllm:kv_transfer_failures",
+            "KV transfers that failed, by reason (a failed receive is prefilled locally).",
+            labels=[*labels, "reason"],
+        )
+        for reason, count in sorted(t.failures.items()):
+            failures.add_metric([*values, reason], float(count))
+        yield failures
+        expired = CounterMetricFamily(
+            "xllm:kv_holds_expired", "Prompt KV held for a decode instance that never asked.", labels=labels
+        )
+        expired.add_metric(values, float(t.holds_expired))
+        yield expired
+        for name, doc, value in (
+            ("xllm:kv_holds", "Prompt KV held now for decode instances.", t.held),
+            ("xllm:kv_receives_pending", "Requests waiting for their prompt KV now.", t.receiving),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, float(value))
+            yield g
+        h = HistogramMetricFamily(
+            "xllm:kv_transfer_receive_seconds", "Time to receive a request's prompt KV.", labels=labels
+        )
+        bounds = [*(str(b) for b in LATENCY_BUCKETS_S), "+Inf"]
+        h.add_metric(
+            values, list(zip(bounds, (float(c) for c in t.latency_buckets), strict=True)), t.latency_sum_s
+        )
+        yield h
 
 
 class ServiceMetrics:

@@ -104,6 +104,26 @@ class ResumeState(OpenAIRequestModel):
     text_offset: int = Field(0, ge=0, description="Characters of output text already streamed.")
 
 
+class KVTransferParams(OpenAIRequestModel):
+    """Prefill/decode hand-off (vLLM's `kv_transfer_params`), set by the cluster router."""
+
+    do_remote_decode: bool = False
+    do_remote_prefill: bool = False
+    remote_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    transfer_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
+class KVSendRequest(OpenAIRequestModel):
+    """POST /v1/kv/send: a decode instance asks for KV this (prefill) instance holds."""
+
+    transfer_id: str = Field(..., min_length=1, max_length=256)
+    destination: str = Field(
+        ..., min_length=1, max_length=2048, description="The receiver's transfer address."
+    )
+    first_block: int = Field(0, ge=0)
+    num_tokens: int = Field(..., ge=1)
+
+
 class SamplingFields(OpenAIRequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -154,6 +174,12 @@ class SamplingFields(OpenAIRequestModel):
     resume: ResumeState | None = Field(
         None, description="Continue a request from output already streamed elsewhere (n = 1, one prompt)."
     )
+
+    # vLLM's disaggregation field. {"do_remote_decode": true}: this is a prefill instance's part
+    # (answered whole, its prompt KV held for a decode instance); {"do_remote_prefill": true,
+    # "remote_url": URL, "transfer_id": ID} with `resume` holding the prefill's token: this is
+    # the decode part, whose prompt KV comes from that instance. The router sets both.
+    kv_transfer_params: KVTransferParams | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -290,6 +316,8 @@ class CompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    # A prefill part's answer: where its prompt KV is held (transfer_id, num_tokens, ...).
+    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatTopLogprob(OpenAIBaseModel):
@@ -327,6 +355,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DeltaMessage(OpenAIBaseModel):

@@ -98,6 +98,10 @@ def serve(
     state = ServerState(config)
     state.hooks.extend(hooks)
     app = create_app(config, state=state)
+    for hook in hooks:  # a hook may serve routes of its own (the cluster's live role switch)
+        api_router = getattr(hook, "api_router", None)
+        if callable(api_router):
+            app.include_router(api_router())
     uv_config = uvicorn.Config(
         app,
         host=host,

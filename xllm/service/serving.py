@@ -11,6 +11,7 @@ against the context before anything is queued and the usage numbers are exact. T
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 
 from xllm.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from xllm.engine.sampling_params import SamplingParams
+from xllm.hal.kv_transfer import KVTransferError
 from xllm.service.deltas import ChoiceDelta, ChoiceDeltas
 from xllm.service.engine_client import (
     AdmissionTracker,
@@ -32,6 +34,7 @@ from xllm.service.engine_client import (
     make_sampling_params,
 )
 from xllm.service.errors import OpenAIError, bad_request, internal_error
+from xllm.service.kv_source import HttpKVSource
 from xllm.service.metrics import ServiceMetrics
 from xllm.service.protocol import (
     ChatChoiceLogProbs,
@@ -49,6 +52,7 @@ from xllm.service.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    KVSendRequest,
     PromptTokensDetails,
     SamplingFields,
     UsageInfo,
@@ -94,6 +98,7 @@ class RequestContext:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    auth_headers: dict[str, str] = field(default_factory=dict)  # the client's, for /v1/kv/send
     first_token_s: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
     priority: int = 0  # the engine's scheduling priority (see `request_priority`)
@@ -257,11 +262,13 @@ class Serving:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         priority: int = 0,
+        auth_headers: dict[str, str] | None = None,
     ) -> list[SubRequest]:
         """One engine request per prompt; prompt p's `n` choices are the response's p*n .. p*n+n-1."""
         resume = req.resume
         if resume is not None and (req.n != 1 or len(prompts) != 1):
             raise bad_request("'resume' needs n = 1 and a single prompt.", param="resume")
+        kv_hold, kv_source = self.kv_handoff(req, len(prompts), auth_headers or {})
         return [
             SubRequest(
                 f"{request_id}-{p}",
@@ -272,9 +279,60 @@ class Serving:
                 priority=priority,
                 resume_ids=list(resume.token_ids) if resume is not None else [],
                 resume_text_offset=resume.text_offset if resume is not None else 0,
+                kv_hold=kv_hold,
+                kv_source=kv_source,
             )
             for p, (text, ids) in enumerate(prompts)
         ]
+
+    def kv_handoff(
+        self, req: SamplingFields, num_prompts: int, auth_headers: dict[str, str]
+    ) -> tuple[bool, HttpKVSource | None]:
+        """The request's part in a prefill/decode hand-off: (hold the prompt KV, where to get it)."""
+        p = req.kv_transfer_params
+        if p is None or not (p.do_remote_decode or p.do_remote_prefill):
+            return False, None
+        param = "kv_transfer_params"
+        if p.do_remote_decode and p.do_remote_prefill:
+            raise bad_request("Set one of do_remote_decode and do_remote_prefill.", param=param)
+        if req.n != 1 or num_prompts != 1:
+            raise bad_request("A prefill/decode hand-off needs n = 1 and a single prompt.", param=param)
+        if p.do_remote_decode:
+            if req.stream:
+                raise bad_request(
+                    "The prefill part (do_remote_decode) is answered whole: stream must be false.",
+                    param=param,
+                )
+            return True, None
+        if p.remote_url is None or p.transfer_id is None or req.resume is None:
+            raise bad_request(
+                "The decode part (do_remote_prefill) needs remote_url, transfer_id and the prefill's token in resume.",
+                param=param,
+            )
+        return False, HttpKVSource(p.remote_url, p.transfer_id, dict(auth_headers))
+
+    async def send_held_kv(self, body: KVSendRequest) -> dict[str, Any]:
+        """POST /v1/kv/send: pushes held prompt KV to a decode instance."""
+        try:
+            stats = await asyncio.to_thread(
+                self.engine.send_held_kv,
+                body.transfer_id,
+                body.destination,
+                body.first_block,
+                body.num_tokens,
+            )
+        except KeyError as exc:
+            raise OpenAIError(404, str(exc.args[0]), param="transfer_id", code="kv_not_held") from exc
+        except ValueError as exc:
+            raise bad_request(str(exc), param="num_tokens") from exc
+        except KVTransferError as exc:
+            raise OpenAIError(502, str(exc), code="kv_transfer_failed") from exc
+        return {
+            "transfer_id": body.transfer_id,
+            "bytes": stats.bytes,
+            "blocks": stats.blocks,
+            "seconds": stats.seconds,
+        }
 
     # ---- logprobs ---------------------------------------------------------------------------
 
@@ -386,7 +444,14 @@ class Serving:
         prompt_logprobs = req.logprobs if req.echo else None
         deltas = await self.start(
             self.sub_requests(
-                ctx.request_id, prompts, req, max_tokens, req.logprobs, prompt_logprobs, ctx.priority
+                ctx.request_id,
+                prompts,
+                req,
+                max_tokens,
+                req.logprobs,
+                prompt_logprobs,
+                ctx.priority,
+                auth_headers=ctx.auth_headers,
             )
         )
         # Per choice: where its next token starts in its text (a resumed one's streamed text first).
@@ -399,7 +464,11 @@ class Serving:
             return self.openai_stream(ctx, deltas, CompletionChunk, choice, req.include_usage_in_stream)
         choices = [choice(d) for d in await self.whole(ctx, deltas)]
         return CompletionResponse(
-            id=ctx.request_id, model=self.served_model_name, choices=choices, usage=self.usage(ctx)
+            id=ctx.request_id,
+            model=self.served_model_name,
+            choices=choices,
+            usage=self.usage(ctx),
+            kv_transfer_params=deltas.kv_transfer_params,
         )
 
     def _completion_choice(
@@ -447,7 +516,15 @@ class Serving:
         ctx.prompt_tokens = len(ids)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         deltas = await self.start(
-            self.sub_requests(ctx.request_id, [(text, ids)], req, [max_tokens], top_n, priority=ctx.priority)
+            self.sub_requests(
+                ctx.request_id,
+                [(text, ids)],
+                req,
+                [max_tokens],
+                top_n,
+                priority=ctx.priority,
+                auth_headers=ctx.auth_headers,
+            )
         )
 
         def logprobs(d: ChoiceDelta) -> ChatChoiceLogProbs | None:
@@ -496,6 +573,7 @@ class Serving:
             choices=choices,
             usage=self.usage(ctx),
             prompt_token_ids=ids if req.return_token_ids else None,
+            kv_transfer_params=deltas.kv_transfer_params,
         )
 
     # ---- shared plumbing --------------------------------------------------------------------
