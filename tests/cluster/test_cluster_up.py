@@ -32,13 +32,15 @@ MAX_TOKENS = 8
 class ClusterUp:
     """`python -m xllm cluster up` as a subprocess; `router_url` once it printed it."""
 
-    def __init__(self, model_dir: Path, registry: str, log_path: Path) -> None:
+    def __init__(
+        self, model_dir: Path, registry: str, log_path: Path, instances: tuple[str, ...] = ("--mixed", "2")
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xllm", "cluster", "up", "--mixed", "2", "--port", str(self.port),
+            [sys.executable, "-m", "xllm", "cluster", "up", *instances, "--port", str(self.port),
              "--registry", registry, "--log-level", "warning", "--model", str(model_dir),
              "--dtype", "float32", "--max-model-len", "256"],
             stdout=subprocess.PIPE,
@@ -192,13 +194,13 @@ def test_etcd_cluster(tiny_llama_dir: Path, tmp_path: Path, offline_texts: list[
         assert cluster.stop() == 0
 
 
-def test_prefill_decode_rejected() -> None:
+def test_prefill_without_decode_rejected() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "xllm", "cluster", "up", "--prefill", "1", "--decode", "1"],
+        [sys.executable, "-m", "xllm", "cluster", "up", "--prefill", "1"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=REPO_ROOT,
     )
     assert result.returncode != 0
-    assert "prefill/decode roles come with disaggregation (not yet)" in result.stderr
+    assert "--prefill N and --decode M go together" in result.stderr

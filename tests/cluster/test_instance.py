@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 from serve_process import ServeProcess, free_port  # noqa: E402
 
 from xllm import AsyncLLM, SamplingParams  # noqa: E402
-from xllm.cli.main import main as cli_main  # noqa: E402
 from xllm.cluster import registry as registry_module  # noqa: E402
 from xllm.cluster.instance import InstanceAgent, RegistryHook  # noqa: E402
 from xllm.cluster.registry import (  # noqa: E402
@@ -223,12 +222,6 @@ async def test_registry_hook_follows_the_server_life(engine: AsyncLLM) -> None:
         await state.drain(1.0)
         assert state.phase is Phase.DRAINING and "inst-3" not in registry.info
     assert registry.calls[-2:] == ["deregister", "close"]
-
-
-def test_serve_refuses_roles_it_cannot_serve_yet(capsys) -> None:
-    assert cli_main(["serve", "--role", "prefill"]) != 0
-    err = capsys.readouterr().err
-    assert "--role prefill is not served yet" in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------- priority over HTTP

@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     up = sub.add_parser("up", help="start a router and K instances on this host; Ctrl-C stops them all")
     up.add_argument("--mixed", type=int, default=None, metavar="K", help="number of mixed instances")
-    up.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill instances (not yet)")
-    up.add_argument("--decode", type=int, default=None, metavar="M", help="decode instances (not yet)")
+    up.add_argument("--prefill", type=int, default=0, metavar="N", help="prefill instances (with --decode)")
+    up.add_argument("--decode", type=int, default=0, metavar="M", help="decode instances (with --prefill)")
     up.add_argument(
         "--registry",
         default="embedded",
@@ -167,8 +167,24 @@ def _fetch_instances(router_url: str, timeout_s: float = 2.0) -> list[dict]:
     return response.json()
 
 
+def _transfers(count: int, num_bytes: int) -> str:
+    """KV hand-offs of one direction: how many and how much (``12 / 3.4 MB``)."""
+    return "-" if not count else f"{count} / {num_bytes / 1e6:.1f} MB"
+
+
 def format_table(instances: list[dict]) -> str:
-    header = ("ID", "ROLE", "STATUS", "URL", "RUNNING", "WAITING", "KV USAGE", "PID")
+    header = (
+        "ID",
+        "ROLE",
+        "STATUS",
+        "URL",
+        "RUNNING",
+        "WAITING",
+        "KV USAGE",
+        "KV SENT",
+        "KV RECEIVED",
+        "PID",
+    )
     rows = [header] + [
         (
             str(i.get("id")),
@@ -178,6 +194,8 @@ def format_table(instances: list[dict]) -> str:
             str(i.get("num_requests_running", 0)),
             str(i.get("num_requests_waiting", 0)),
             f"{100 * float(i.get('kv_cache_usage') or 0.0):.1f}%",
+            _transfers(i.get("kv_transfers_sent", 0), i.get("kv_transfer_bytes_sent", 0)),
+            _transfers(i.get("kv_transfers_received", 0), i.get("kv_transfer_bytes_received", 0)),
             "-" if i.get("pid") is None else str(i["pid"]),
         )
         for i in sorted(instances, key=lambda i: str(i.get("id")))
@@ -191,10 +209,13 @@ def format_table(instances: list[dict]) -> str:
 def run_up(args: argparse.Namespace) -> int:
     from xllm.cli.main import CLIError
 
-    if args.prefill or args.decode:
-        raise CLIError("prefill/decode roles come with disaggregation (not yet); use --mixed K")
-    if not args.mixed or args.mixed < 1:
-        raise CLIError("--mixed K (K >= 1) is required")
+    mixed, prefill, decode = args.mixed or 0, args.prefill or 0, args.decode or 0
+    if min(mixed, prefill, decode) < 0:
+        raise CLIError("--mixed, --prefill and --decode take counts >= 0")
+    if bool(prefill) != bool(decode):
+        raise CLIError("--prefill N and --decode M go together (a request needs both parts)")
+    if mixed + prefill + decode < 1:
+        raise CLIError("start at least one instance: --mixed K, or --prefill N --decode M")
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="xllm-cluster-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs: {run_dir}", flush=True)
@@ -226,16 +247,18 @@ def run_up(args: argparse.Namespace) -> int:
             )
         )  # fmt: skip
         forwarded = engine_argv(args)
-        for i in range(args.mixed):
-            children.append(
-                Child(
-                    f"mixed-{i}",
-                    [*python, "serve", "--port", str(_free_port()), "--registry", registry,
-                     "--instance-id", f"mixed-{i}", "--log-level", args.log_level, *forwarded],
-                    run_dir,
-                )
-            )  # fmt: skip
-        instances = _wait_up(children, router_url, args.mixed, args.startup_timeout)
+        for role, count in (("mixed", mixed), ("prefill", prefill), ("decode", decode)):
+            for i in range(count):
+                children.append(
+                    Child(
+                        f"{role}-{i}",
+                        [*python, "serve", "--port", str(_free_port()), "--registry", registry,
+                         "--instance-id", f"{role}-{i}", "--role", role, "--log-level", args.log_level,
+                         *forwarded],
+                        run_dir,
+                    )
+                )  # fmt: skip
+        instances = _wait_up(children, router_url, mixed + prefill + decode, args.startup_timeout)
         print(f"router: {router_url}", flush=True)
         print(format_table(instances), flush=True)
         while True:

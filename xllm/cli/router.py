@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds SIGTERM waits for in-flight requests before stopping",
     )
+    p.add_argument(
+        "--pd",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split requests into a prefill part and a decode part when both roles are up (default: on)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from xllm.service.server import DrainingServer
 
     registry = open_registry_from_arg(args.registry)
-    state = RouterState(registry, PolicyName(args.policy), tokenizer_path=args.tokenizer)
+    state = RouterState(registry, PolicyName(args.policy), tokenizer_path=args.tokenizer, pd=args.pd)
     app = create_router_app(registry, state=state, close_registry=True)
     config = uvicorn.Config(
         app,

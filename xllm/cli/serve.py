@@ -32,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--role",
         default="mixed",
         choices=["mixed", "prefill", "decode"],
-        help="the instance's role in a cluster (default: mixed; prefill and decode are not served yet)",
+        help="the instance's role in a cluster: which part of a request the router sends it "
+        "(prefill: the prompt and first token, its KV held for a decode instance; decode: the rest, "
+        "its KV fetched from the prefill instance; mixed: whole requests). Every instance can serve "
+        "every part, so a role can be switched live (POST /cluster/role)",
     )
     c.add_argument(
         "--registry",
@@ -61,10 +64,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--shutdown-timeout must be >= 0")
     if args.max_consecutive_step_failures < 1:
         raise CLIError("--max-consecutive-step-failures must be >= 1")
-    if args.role != "mixed":
-        raise CLIError(
-            f"--role {args.role} is not served yet (prefill/decode disaggregation is not implemented); use --role mixed"
-        )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

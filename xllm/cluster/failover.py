@@ -45,6 +45,9 @@ class StreamProgress:
     chunk_id: str | None = None
     created: int | None = None
     role_sent: bool = False
+    # Token ids the client has not seen though their text comes in the next chunk (a decode
+    # instance's stream starts with the prefill's token): put in front of that chunk's ids.
+    lead_ids: list[int] = field(default_factory=list)
 
     def rewrite(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """Records a chunk and returns it as the client gets it (None: drop it)."""
@@ -63,6 +66,9 @@ class StreamProgress:
             text = choice.get("text") if delta is None else delta.get("content")
             self.text_chars += len(text or "")
             self.token_ids += choice.get("token_ids") or []
+            if self.lead_ids and self.client_wants_ids and "token_ids" in choice:
+                choice["token_ids"] = self.lead_ids + choice["token_ids"]
+                self.lead_ids = []
             if not self.client_wants_ids:
                 choice.pop("token_ids", None)
                 choice.pop("prompt_token_ids", None)

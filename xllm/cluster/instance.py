@@ -25,7 +25,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
 
 from xllm.cluster.registry import (
     DEFAULT_LEASE_TTL_S,
@@ -36,6 +40,7 @@ from xllm.cluster.registry import (
     Registry,
     Role,
 )
+from xllm.service.errors import OpenAIError
 
 if TYPE_CHECKING:
     from xllm.service.app import ServerState
@@ -43,8 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("xllm.cluster")
 
-# The roles `xllm serve --role` serves today; prefill and decode need the KV hand-over.
-SERVED_ROLES = (Role.MIXED,)
 MAX_BACKOFF_S = 30.0
 REGISTRY_CALL_TIMEOUT_S = 5.0
 DEREGISTER_TIMEOUT_S = 2.0  # bounds what an unreachable registry adds to a drain
@@ -82,7 +85,13 @@ class InstanceAgent:
         """The instance's load now, from the engine's counters and its prefix cache."""
         stats = self.engine.stats()
         digests = self.engine.cached_block_digests(MAX_PUBLISHED_BLOCKS)
+        kv = stats.kv_transfer
         return InstanceLoad(
+            kv_transfers_sent=kv.sends if kv else 0,
+            kv_transfers_received=kv.receives if kv else 0,
+            kv_transfer_bytes_sent=kv.bytes_sent if kv else 0,
+            kv_transfer_bytes_received=kv.bytes_received if kv else 0,
+            kv_transfer_failures=sum(kv.failures.values()) if kv else 0,
             num_requests_running=stats.num_running,
             num_requests_waiting=stats.num_waiting,
             kv_cache_usage=stats.kv_cache_usage,
@@ -90,6 +99,21 @@ class InstanceAgent:
             cached_blocks=[d.hex() for d in digests[:MAX_PUBLISHED_BLOCKS]],
             updated_at=time.time(),
         )
+
+    async def set_role(self, role: Role) -> None:
+        """Re-registers under `role` (a live role switch): out under the old role's key, in
+        under the new one's, so a router never sees the instance in both roles."""
+        if role is self.info.role:
+            return
+        old = self.info.role
+        if self.registered:
+            await asyncio.wait_for(self.registry.deregister(self.info.id), self.call_timeout_s)
+        self.info = replace(self.info, role=role)
+        self.registered = False
+        await asyncio.wait_for(self.registry.register(self.info, self.ttl_s), self.call_timeout_s)
+        self.registered = True
+        await asyncio.wait_for(self.registry.publish_load(self.info.id, self.load()), self.call_timeout_s)
+        logger.info("instance %s switched from %s to %s", self.info.id, old.value, role.value)
 
     async def start(self) -> None:
         """Starts registering and publishing in the background; returns at once."""
@@ -184,6 +208,10 @@ async def _open(url: str) -> Registry:
     return registry
 
 
+class RoleChange(BaseModel):
+    role: Role
+
+
 class RegistryHook:
     """Membership of one `xllm serve` in a cluster: a `ServerHook` running an `InstanceAgent`."""
 
@@ -240,6 +268,29 @@ class RegistryHook:
             registry, info, engine, lambda: state.phase is Phase.DRAINING, interval_s=self.interval_s
         )
         await self.agent.start()
+
+    def api_router(self) -> APIRouter:
+        """``GET/POST /cluster/role``: the instance's role, and a live switch (the router calls it)."""
+        api = APIRouter(prefix="/cluster")
+
+        @api.get("/role")
+        async def get_role() -> dict[str, str]:
+            role = self.agent.info.role if self.agent is not None else self.role
+            return {"id": self.instance_id, "role": role.value}
+
+        @api.post("/role")
+        async def set_role(body: RoleChange) -> dict[str, str]:
+            self.role = body.role
+            if self.agent is not None:
+                try:
+                    await self.agent.set_role(body.role)
+                except Exception as exc:
+                    raise OpenAIError(
+                        503, f"the registry did not take the new role: {exc}", code="registry"
+                    ) from exc
+            return {"id": self.instance_id, "role": body.role.value}
+
+        return api
 
     async def on_drain(self, state: ServerState) -> None:
         if self.agent is not None:

@@ -65,13 +65,21 @@ class InstanceLoad:
     # xllm.engine.kv_cache_manager.chain_hash), capped at MAX_PUBLISHED_BLOCKS.
     cached_blocks: list[str] = field(default_factory=list)
     updated_at: float = 0.0  # time.time() of the instance when published
+    # Prefill/decode hand-off so far (counters since the instance started).
+    kv_transfers_sent: int = 0
+    kv_transfers_received: int = 0
+    kv_transfer_bytes_sent: int = 0
+    kv_transfer_bytes_received: int = 0
+    kv_transfer_failures: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> InstanceLoad:
-        return cls(**data)
+        # Fields this version does not know (a newer instance) are ignored, missing ones default.
+        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        return cls(**known)
 
 
 @dataclass(slots=True)

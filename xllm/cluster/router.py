@@ -31,14 +31,14 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xllm import __version__
-from xllm.cluster import failover, policies
+from xllm.cluster import disagg, failover, policies
 from xllm.cluster.policies import PolicyName
 from xllm.cluster.registry import InstanceLoad, Member, Registry, Role, Status
 from xllm.service.anthropic_errors import MESSAGES_PATH, AnthropicRoute, anthropic_error_event
@@ -63,6 +63,11 @@ INSTANCE_HEADER = "x-xllm-instance"  # which instance served the request: the re
 
 class PolicyChange(BaseModel):
     policy: PolicyName
+
+
+class RoleSwitch(BaseModel):
+    role: Role
+    drain_timeout_s: float = Field(60.0, ge=0.0, le=3600.0)
 
 
 class NoInstanceError(OpenAIError):
@@ -93,6 +98,23 @@ class RouterMetrics:
             ["instance"],
             registry=self.registry,
         )
+        self.pd_requests = Counter(
+            "xllm:router_pd_requests",
+            "Requests served prefill-then-decode, by path (decode '-': finished at its first token).",
+            ["prefill", "decode"],
+            registry=self.registry,
+        )
+        self.pd_fallbacks = Counter(
+            "xllm:router_pd_fallbacks",
+            "Requests served whole because the prefill/decode split was not possible.",
+            registry=self.registry,
+        )
+        self.role_switches = Counter(
+            "xllm:router_role_switches",
+            "Instances switched between prefill and decode (by an admin or the slo policy).",
+            ["instance", "from_role", "to_role", "by"],
+            registry=self.registry,
+        )
         self.failed = Counter(
             "xllm:router_requests_failed",
             "Requests the router could not complete (no instance left, or the stream broke).",
@@ -114,13 +136,29 @@ class _InstanceCollector(Collector):
         running = GaugeMetricFamily("xllm:instance_num_requests_running", "Running requests.", labels=labels)
         waiting = GaugeMetricFamily("xllm:instance_num_requests_waiting", "Waiting requests.", labels=labels)
         kv = GaugeMetricFamily("xllm:instance_kv_cache_usage_perc", "KV-cache usage, 0..1.", labels=labels)
+        transfers = CounterMetricFamily(
+            "xllm:instance_kv_transfers", "KV transfers done, by direction.", labels=[*labels, "direction"]
+        )
+        transfer_bytes = CounterMetricFamily(
+            "xllm:instance_kv_transfer_bytes",
+            "KV bytes transferred, by direction.",
+            labels=[*labels, "direction"],
+        )
+        failures = CounterMetricFamily(
+            "xllm:instance_kv_transfer_failures", "KV transfers failed.", labels=labels
+        )
         for member, status in self.members():
             values = [member.info.id, member.info.role.value, status.value]
-            load = member.load
-            running.add_metric(values, 0 if load is None else load.num_requests_running)
-            waiting.add_metric(values, 0 if load is None else load.num_requests_waiting)
-            kv.add_metric(values, 0.0 if load is None else load.kv_cache_usage)
-        yield from (running, waiting, kv)
+            load = member.load or InstanceLoad()
+            running.add_metric(values, load.num_requests_running)
+            waiting.add_metric(values, load.num_requests_waiting)
+            kv.add_metric(values, load.kv_cache_usage)
+            transfers.add_metric([*values, "sent"], load.kv_transfers_sent)
+            transfers.add_metric([*values, "received"], load.kv_transfers_received)
+            transfer_bytes.add_metric([*values, "sent"], load.kv_transfer_bytes_sent)
+            transfer_bytes.add_metric([*values, "received"], load.kv_transfer_bytes_received)
+            failures.add_metric(values, load.kv_transfer_failures)
+        yield from (running, waiting, kv, transfers, transfer_bytes, failures)
 
 
 class RouterState:
@@ -132,6 +170,7 @@ class RouterState:
         policy: PolicyName,
         tokenizer_path: str | None = None,
         limits: policies.CacheAwareLimits | None = None,
+        pd: bool = True,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -152,6 +191,12 @@ class RouterState:
         # Prompt block digests this router sent to each instance (most recent last, bounded):
         # cache-aware placement counts them as cached before the instance publishes them.
         self.routed: dict[str, OrderedDict[str, None]] = {}
+        # Prefill/decode disaggregation: on when both roles are up (unless turned off).
+        self.pd_enabled = pd
+        # Role switches: instances being switched (no new placements) and roles this router has
+        # switched and the registry may not show yet.
+        self.switching: dict[str, Role] = {}
+        self.role_overrides: dict[str, Role] = {}
         self.draining = False  # the router itself is shutting down
         self.in_flight = 0
         self.turn = itertools.count()
@@ -181,6 +226,9 @@ class RouterState:
             del self.unreachable[gone]
         for gone in set(self.routed) - live:  # a restarted instance starts with a cold cache
             del self.routed[gone]
+        for m in self.members:  # the registry caught up with a switch this router made
+            if self.role_overrides.get(m.info.id) is m.info.role:
+                del self.role_overrides[m.info.id]
         if self.policy is PolicyName.CACHE_AWARE and self.tokenizer is None and self.tokenizer_path is None:
             self.tokenizer_path = default_tokenizer_path(self.members)
             if self.tokenizer_path is not None:
@@ -209,12 +257,40 @@ class RouterState:
 
     # ---- placement -----------------------------------------------------------------------------
 
-    def candidates(self, model: str | None, exclude: set[str], offline: bool = False) -> list[Member]:
+    def pd_active(self) -> bool:
+        """Whether requests are split: on, with a prefill and a decode instance up."""
+        if not self.pd_enabled:
+            return False
+        roles = {self.role_of(m) for m in self.up_members()}
+        return Role.PREFILL in roles and Role.DECODE in roles
+
+    def role_of(self, member: Member) -> Role:
+        return self.role_overrides.get(member.info.id, member.info.role)
+
+    def up_members(self, exclude: set[str] = frozenset(), role: Role | None = None) -> list[Member]:
+        """Members that may take new work (not drained, dead or switching roles), of `role`."""
         now = time.time()
-        up = [m for m in self.members if m.info.id not in exclude and self.status(m, now) is Status.UP]
-        # Whole requests go to mixed instances while there are any (prefill/decode pairs are placed
-        # by the disaggregation policy, not here).
-        up = [m for m in up if m.info.role is Role.MIXED] or up
+        return [
+            m
+            for m in self.members
+            if m.info.id not in exclude
+            and m.info.id not in self.switching
+            and self.status(m, now) is Status.UP
+            and (role is None or self.role_of(m) is role)
+        ]
+
+    def candidates(
+        self, model: str | None, exclude: set[str], offline: bool = False, role: Role | None = None
+    ) -> list[Member]:
+        """Where a request may go: members of `role`; with no role (a whole request), mixed
+        instances while there are any, else decode instances (they prefill too), else any."""
+        up = self.up_members(exclude, role)
+        if role is None:
+            up = (
+                [m for m in up if self.role_of(m) is Role.MIXED]
+                or [m for m in up if self.role_of(m) is Role.DECODE]
+                or up
+            )
         serving_model = [m for m in up if m.info.model == model]
         # A request naming a model nobody serves still goes somewhere: that instance answers the 404.
         return [self.with_placed(m, offline) for m in serving_model or up]
@@ -294,6 +370,42 @@ class RouterState:
             logger.debug("tokenizing for placement failed", exc_info=True)
             return None
 
+    async def switch_role(
+        self, instance_id: str, role: Role, by: str, drain_timeout_s: float = 60.0
+    ) -> dict[str, Any]:
+        member = next((m for m in self.members if m.info.id == instance_id), None)
+        if member is None:
+            raise OpenAIError(404, f"No instance {instance_id!r} is registered.", param="instance_id")
+        old = self.role_of(member)
+        if role is old:
+            return {"id": instance_id, "role": role.value, "switched": False}
+        if instance_id in self.switching:
+            raise OpenAIError(409, f"Instance {instance_id!r} is already switching roles.", code="switching")
+        assert self.client is not None
+        self.switching[instance_id] = role
+        try:
+            deadline = time.monotonic() + drain_timeout_s
+            while self.placed.get(instance_id, 0) > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # its in-flight work of the old role finishes first
+            try:
+                r = await self.client.post(
+                    f"{member.info.url.rstrip('/')}/cluster/role", json={"role": role.value}, timeout=10
+                )
+            except httpx.HTTPError as exc:
+                raise OpenAIError(
+                    502, f"Instance {instance_id!r} is unreachable: {exc}", code="instance_unreachable"
+                ) from exc
+            if r.status_code != 200:
+                raise OpenAIError(
+                    502, f"Instance {instance_id!r} refused the role: {r.text[:200]}", code="role_refused"
+                )
+            self.role_overrides[instance_id] = role
+        finally:
+            del self.switching[instance_id]
+        self.metrics.role_switches.labels(instance_id, old.value, role.value, by).inc()
+        logger.info("instance %s switched from %s to %s (by %s)", instance_id, old.value, role.value, by)
+        return {"id": instance_id, "role": role.value, "switched": True}
+
     async def drain(self, timeout_s: float) -> None:
         """SIGTERM (via `DrainingServer`): refuse new requests, let in-flight ones finish."""
         self.draining = True
@@ -364,15 +476,27 @@ class Upstream:
         self.failed_on: str | None = None  # the instance whose placement is being retried
         self.last_unavailable: httpx.Response | None = None
 
-    async def place(self, content: bytes) -> tuple[httpx.Response, Member] | None:
-        """Sends `content` to the best instance not tried yet; returns its (non-503) response, or
-        None when none is left (`last_unavailable` keeps the last 503). Raises `ClientGone`."""
+    async def place(
+        self,
+        content: bytes,
+        role: Role | None = None,
+        choose: Callable[[list[Member]], Member | None] | None = None,
+        stream: bool | None = None,
+    ) -> tuple[httpx.Response, Member] | None:
+        """Sends `content` to the best instance (of `role`, picked by `choose` or the router's
+        policy) not tried yet; returns its (non-503) response, or None when none is left
+        (`last_unavailable` keeps the last 503). `stream`: whether the answer is an event
+        stream (default: as the client asked). Raises `ClientGone`."""
         state = self.state
         assert state.client is not None, "the router's lifespan creates the HTTP client"
+        streamed = bool(self.body.stream) if stream is None else stream
         while True:
             salt = getattr(self.body, "cache_salt", None)
-            candidates = state.candidates(self.body.model, self.tried, self.offline)
-            member = state.choose(candidates, self.token_ids, salt, self.offline)
+            candidates = state.candidates(self.body.model, self.tried, self.offline, role)
+            if choose is not None:
+                member = choose(candidates)
+            else:
+                member = state.choose(candidates, self.token_ids, salt, self.offline)
             if member is None:
                 return None
             if self.failed_on is not None:
@@ -385,7 +509,7 @@ class Upstream:
             try:
                 # A client that leaves while the instance works (a whole response comes only at
                 # the end) cancels the upstream request, and the closed connection aborts it there.
-                resp = await until_disconnected(self.request, self.send(upstream))
+                resp = await until_disconnected(self.request, self.send(upstream, streamed))
             except httpx.TransportError as exc:
                 logger.warning(
                     "instance %s unreachable (%s); re-dispatching", member.info.id, type(exc).__name__
@@ -416,10 +540,10 @@ class Upstream:
             )
             return resp, member
 
-    async def send(self, upstream: httpx.Request) -> httpx.Response:
+    async def send(self, upstream: httpx.Request, streamed: bool) -> httpx.Response:
         assert self.state.client is not None
         resp = await self.state.client.send(upstream, stream=True)
-        if resp.status_code != 503 and (not self.body.stream or resp.status_code != 200):
+        if resp.status_code != 503 and (not streamed or resp.status_code != 200):
             # A whole answer is read here, so that an instance dying before its end is one
             # more unreachable instance, and the request goes elsewhere untouched.
             try:
@@ -465,6 +589,11 @@ async def forward(state: RouterState, request: Request, body: RoutedRequest) -> 
         # Templating and tokenizing a long prompt takes milliseconds: off the event loop.
         upstream.token_ids = await asyncio.to_thread(state.prompt_ids, body)
     try:
+        if not anthropic:
+            chat = isinstance(body, ChatCompletionRequest)
+            split = await disagg.forward_pd(state, upstream, payload, progress, chat)
+            if split is not None:
+                return split
         placed = await upstream.place(content)
     except ClientGone:
         await upstream.close()
@@ -512,7 +641,9 @@ class Relay:
         payload: dict[str, Any] | None,
         progress: failover.StreamProgress,
         raw: bool = False,
+        head: Sequence[dict[str, Any]] = (),
     ) -> None:
+        self.head = list(head)  # events the router sends before the instance's (a PD chat role chunk)
         self.raw = raw  # bytes as they come, no resume (Anthropic's events carry no token ids)
         self.state = state
         self.upstream = upstream
@@ -536,6 +667,10 @@ class Relay:
             async for chunk in self.raw_events():
                 yield chunk
             return
+        for event in self.head:
+            rewritten = self.progress.rewrite(event)
+            if rewritten is not None:
+                yield failover.sse_event(rewritten)
         try:
             while True:
                 broke = "closed without [DONE]"
@@ -728,13 +863,17 @@ def create_router_app(
         return [
             {
                 "id": m.info.id,
-                "role": m.info.role.value,
+                "role": state.role_of(m).value,
                 "url": m.info.url,
                 "model": m.info.model,
-                "status": status.value,
+                "status": "switching" if m.info.id in state.switching else status.value,
                 "num_requests_running": 0 if m.load is None else m.load.num_requests_running,
                 "num_requests_waiting": 0 if m.load is None else m.load.num_requests_waiting,
                 "kv_cache_usage": 0.0 if m.load is None else m.load.kv_cache_usage,
+                "kv_transfers_sent": 0 if m.load is None else m.load.kv_transfers_sent,
+                "kv_transfers_received": 0 if m.load is None else m.load.kv_transfers_received,
+                "kv_transfer_bytes_sent": 0 if m.load is None else m.load.kv_transfer_bytes_sent,
+                "kv_transfer_bytes_received": 0 if m.load is None else m.load.kv_transfer_bytes_received,
                 "pid": m.info.pid,
             }
             for m, status in state.statuses()
@@ -753,6 +892,15 @@ def create_router_app(
             await asyncio.to_thread(state.load_tokenizer)
         logger.info("placement policy now %s", state.policy.value)
         return {"policy": state.policy.value}
+
+    @app.post("/cluster/instances/{instance_id}/role")
+    async def switch_role(instance_id: str, body: RoleSwitch) -> dict[str, Any]:
+        """Switches an instance between prefill, decode and mixed without a restart: no new
+        placements on it, its in-flight work (placed by this router) finishes, then it takes
+        the new role. Answers once the switch is done."""
+        return await state.switch_role(
+            instance_id, body.role, by="admin", drain_timeout_s=body.drain_timeout_s
+        )
 
     @app.post("/cluster/instances/{instance_id}/drain")
     async def drain(instance_id: str) -> dict[str, Any]:
