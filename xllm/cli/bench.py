@@ -6,7 +6,10 @@ import argparse
 import importlib
 
 BENCHMARKS = {
-    "throughput": ("xllm.bench.throughput", "offline throughput against transformers' generate"),
+    "throughput": (
+        "xllm.bench.throughput",
+        "offline throughput against transformers, llama.cpp and vLLM on the same workload",
+    ),
     "serve": ("xllm.bench.serve", "drive an OpenAI-compatible server with streaming requests"),
 }
 

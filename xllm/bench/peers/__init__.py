@@ -1,0 +1,153 @@
+"""Peers of `xllm bench throughput --compare`: other engines run on the same workload, same run.
+
+Every peer gets the same prompt token ids and per-prompt output lengths (EOS ignored, greedy) in
+the same dtype, and reports wall time and output tokens. A peer whose library is missing is not
+an error: `Peer.unavailable` returns one line saying how to install it and the bench prints it.
+
+The modules ``transformers_peer``, ``llama_cpp_peer`` and ``vllm_peer`` import nothing from xllm
+at module level: the start-up workload runs each of them as a script in a fresh process, where
+importing xllm would add its own import time to the peer's figure (and vLLM's script runs under
+another Python that has no xllm at all).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from xllm.bench.workloads import Workload
+
+# A peer script prints this before the id of its first generated token; the start-up workload
+# measures the time until that line (vLLM logs to stdout, so "first byte" would be too early).
+FIRST_TOKEN_MARKER = "XLLM_BENCH_FIRST_TOKEN"
+RESULT_MARKER = "XLLM_BENCH_RESULT"
+
+PEER_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class PeerResult:
+    name: str
+    elapsed_s: float
+    output_tokens: int
+    total_tokens: int
+    note: str = ""
+    token_ids: list[list[int]] | None = field(default=None, repr=False)
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return self.total_tokens / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+
+@dataclass
+class PeerContext:
+    """What every peer needs besides the workload."""
+
+    model_path: str
+    dtype: str  # canonical name: float32, float16, bfloat16
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    hf_batch_size: int | None = None
+    vllm_python: str | None = None
+    gguf_cache_dir: Path | None = None
+
+
+class Peer(Protocol):
+    name: str
+
+    def unavailable(self, ctx: PeerContext) -> str | None:
+        """None when the peer can run here, else one line saying why not and how to install it."""
+
+    def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
+        """Runs the workload and times it (one-time loading excluded)."""
+
+    def startup(self, ctx: PeerContext, workload: Workload) -> float:
+        """Seconds from launching a fresh process to its first generated token."""
+
+
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass
+class LaunchResult:
+    seconds: float
+    first_line: str
+
+
+def time_to_first_token(
+    cmd: list[str],
+    marker: str | None = FIRST_TOKEN_MARKER,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800,
+) -> LaunchResult:
+    """Launches `cmd` and times until a stdout line starts with `marker` (or until the first
+    stdout byte when `marker` is None); the process is then left to finish normally."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        assert proc.stdout is not None
+        seconds: float | None = None
+        line = ""
+        try:
+            if marker is None:
+                first = proc.stdout.read(1)
+                if first:
+                    seconds = time.perf_counter() - start
+                    line = first.decode(errors="replace")
+            else:
+                for raw in proc.stdout:
+                    text = raw.decode(errors="replace")
+                    if text.startswith(marker):
+                        seconds = time.perf_counter() - start
+                        line = text.strip()
+                        break
+            proc.stdout.read()  # drain so the child never blocks on a full pipe
+            proc.wait(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if seconds is None or proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(
+                f"{' '.join(cmd[:4])} ... exited with {proc.returncode} before its first token: "
+                + " | ".join(tail)
+            )
+        return LaunchResult(seconds, line)
+
+
+def peer_script(module_file: str) -> str:
+    """Path of a peer module, to run as a plain script (no package import, see module docstring)."""
+    return str(PEER_DIR / module_file)
+
+
+def script_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def get_peers() -> dict[str, Peer]:
+    from xllm.bench.peers.llama_cpp_peer import LlamaCppPeer
+    from xllm.bench.peers.transformers_peer import TransformersPeer
+    from xllm.bench.peers.vllm_peer import VllmPeer
+
+    return {"transformers": TransformersPeer(), "llama.cpp": LlamaCppPeer(), "vllm": VllmPeer()}
+
+
+PEER_NAMES: tuple[str, ...] = ("transformers", "llama.cpp", "vllm")
+
+# Used when the bench process itself must run the peer's script entry point.
+PYTHON = sys.executable
