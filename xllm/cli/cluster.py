@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--prefill", type=int, default=0, metavar="N", help="prefill instances (with --decode)")
     up.add_argument("--decode", type=int, default=0, metavar="M", help="decode instances (with --prefill)")
     up.add_argument(
+        "--slo",
+        default=None,
+        metavar="ttft_ms=MS,tpot_ms=MS",
+        help="the router's slo role balancer (see xllm router)",
+    )
+    up.add_argument(
         "--registry",
         default="embedded",
         choices=["embedded", "etcd"],
@@ -242,7 +248,8 @@ def run_up(args: argparse.Namespace) -> int:
             Child(
                 "router",
                 [*python, "router", "--port", str(args.port), "--registry", router_registry,
-                 "--policy", args.policy, "--log-level", args.log_level],
+                 "--policy", args.policy, "--log-level", args.log_level,
+                 *(["--slo", args.slo] if args.slo else [])],
                 run_dir,
             )
         )  # fmt: skip

@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=True,
         help="split requests into a prefill part and a decode part when both roles are up (default: on)",
     )
+    p.add_argument(
+        "--slo",
+        default=None,
+        metavar="ttft_ms=MS,tpot_ms=MS",
+        help="let the router move instances between prefill and decode on its own, from the TTFT and "
+        "TPOT it observes against these targets (p90 over a 20 s window, 30 s between switches)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -74,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
     from xllm.service.server import DrainingServer
 
     registry = open_registry_from_arg(args.registry)
-    state = RouterState(registry, PolicyName(args.policy), tokenizer_path=args.tokenizer, pd=args.pd)
+    from xllm.cluster.slo import SloBalancer, SloTargets
+
+    try:
+        slo = SloBalancer(SloTargets.parse(args.slo)) if args.slo else None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    state = RouterState(registry, PolicyName(args.policy), tokenizer_path=args.tokenizer, pd=args.pd, slo=slo)
     app = create_router_app(registry, state=state, close_registry=True)
     config = uvicorn.Config(
         app,

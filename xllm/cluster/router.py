@@ -41,6 +41,7 @@ from xllm import __version__
 from xllm.cluster import disagg, failover, policies
 from xllm.cluster.policies import PolicyName
 from xllm.cluster.registry import InstanceLoad, Member, Registry, Role, Status
+from xllm.cluster.slo import SloBalancer
 from xllm.service.anthropic_errors import MESSAGES_PATH, AnthropicRoute, anthropic_error_event
 from xllm.service.anthropic_protocol import MessagesRequest
 from xllm.service.app import CLIENT_CLOSED_REQUEST, until_disconnected
@@ -171,7 +172,9 @@ class RouterState:
         tokenizer_path: str | None = None,
         limits: policies.CacheAwareLimits | None = None,
         pd: bool = True,
+        slo: SloBalancer | None = None,
     ) -> None:
+        self.slo = slo  # moves instances between prefill and decode on its own (--slo)
         self.registry = registry
         self.policy = policy
         self.limits = limits or policies.CacheAwareLimits()
@@ -465,6 +468,7 @@ class Upstream:
         self.body = body
         self.headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
         self.token_ids: list[int] | None = None  # the prompt's, for cache-aware placement
+        self.arrived = time.monotonic()
         # Anthropic's API has no priority: its requests are online.
         priority = (
             0
@@ -671,12 +675,14 @@ class Relay:
             rewritten = self.progress.rewrite(event)
             if rewritten is not None:
                 yield failover.sse_event(rewritten)
+        first_token_at: float | None = None
         try:
             while True:
                 broke = "closed without [DONE]"
                 try:
                     async for data in failover.sse_payloads(self.resp.aiter_bytes()):
                         if data == "[DONE]":
+                            self.observe(first_token_at)
                             yield failover.sse_event(data)
                             return
                         try:
@@ -688,6 +694,8 @@ class Relay:
                             broke = "its engine died"
                             break
                         rewritten = self.progress.rewrite(event)
+                        if first_token_at is None and self.progress.text_chars:
+                            first_token_at = time.monotonic()
                         if rewritten is not None:
                             yield failover.sse_event(rewritten)
                 except httpx.TransportError as exc:
@@ -713,6 +721,15 @@ class Relay:
                 )
         finally:
             await self.finish()
+
+    def observe(self, first_token_at: float | None) -> None:
+        """A finished stream's TTFT and TPOT, as the router saw them, for the slo balancer."""
+        slo = self.state.slo
+        if slo is None or first_token_at is None:
+            return
+        tokens = len(self.progress.token_ids) + len((self.progress.prior or {}).get("token_ids", []))
+        tpot = (time.monotonic() - first_token_at) / (tokens - 1) if tokens > 1 else None
+        slo.observe(first_token_at - self.upstream.arrived, tpot)
 
     async def raw_events(self) -> AsyncIterator[bytes]:
         try:
@@ -796,13 +813,16 @@ def create_router_app(
             await asyncio.get_running_loop().run_in_executor(None, state.load_tokenizer)
         with contextlib.suppress(Exception):
             await state.refresh()
-        poller = asyncio.create_task(state.poll())
+        tasks = [asyncio.create_task(state.poll())]
+        if state.slo is not None:
+            tasks.append(asyncio.create_task(state.slo.run(state)))
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await state.client.aclose()
             if close_registry:
                 await registry.close()
