@@ -209,3 +209,41 @@ def test_switching_decode_to_prefill_and_back_under_load_loses_nothing(
     assert role == {"id": "decode-0", "role": "decode"}
     out = re.sub(r"\s+", " ", httpx.get(f"{url}/cluster/instances").text)
     assert '"role":"decode"' in out.replace(" ", "")
+
+
+def test_bench_serve_pd_workload_compares_pd_with_all_mixed(pd_cluster: ClusterUp, tmp_path) -> None:
+    from xllm.cli.main import main as cli_main
+
+    url = pd_cluster.router_url
+    out = tmp_path / "pd.json"
+    args = [
+        "bench",
+        "serve",
+        "--base-url",
+        url,
+        "--workload",
+        "pd",
+        "--num-prompts",
+        "6",
+        "--max-concurrency",
+        "3",
+    ]
+    args += [
+        "--input-len",
+        "24",
+        "--output-len",
+        "6",
+        "--slo",
+        "ttft_ms=60000,tpot_ms=60000",
+        "--json",
+        str(out),
+    ]
+    assert cli_main(args) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["run"] for r in runs] == ["prefill/decode", "all mixed"]
+    assert all(r["completed"] == 6 and r["request_goodput"] > 0 and r["p99_tpot_ms"] > 0 for r in runs)
+    # The roles are back, and the split path served the first run.
+    assert {i["id"]: i["role"] for i in httpx.get(f"{url}/cluster/instances").json()} == {
+        "prefill-0": "prefill",
+        "decode-0": "decode",
+    }

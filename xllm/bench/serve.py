@@ -81,10 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--workload",
-        choices=["random", "mixed", "shared-prefix"],
+        choices=["random", "mixed", "shared-prefix", "pd"],
         default="random",
         help="random: independent prompts; mixed: online requests alone, then beside an offline "
-        "flood at priority 1 and at priority 0; shared-prefix: prompts sharing a few long prefixes",
+        "flood at priority 1 and at priority 0; shared-prefix: prompts sharing a few long prefixes; "
+        "pd: against an xllm router with prefill and decode instances, the same workload split "
+        "prefill/decode and then with every instance switched to mixed (roles restored after)",
     )
     p.add_argument(
         "--offline-concurrency", type=int, default=8, help="mixed: offline requests kept in flight"

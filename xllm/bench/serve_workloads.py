@@ -173,13 +173,71 @@ async def run_shared_prefix(args: argparse.Namespace) -> dict[str, Any]:
     return {"workload": "shared-prefix", "model_id": target.model, "base_url": target.base_url, "runs": rows}
 
 
+async def _set_roles(target: Target, roles: dict[str, str]) -> None:
+    for instance_id, role in roles.items():
+        r = await target.client.post(
+            f"{target.base_url}/cluster/instances/{instance_id}/role",
+            json={"role": role},
+            headers=target.headers,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(
+                f"the router could not switch {instance_id} to {role}: HTTP {r.status_code} {r.text[:200]}"
+            )
+
+
+async def run_pd(args: argparse.Namespace) -> dict[str, Any]:
+    slo = parse_slo(args.slo)
+    tokenizer = load_tokenizer(args)
+    rows = []
+    async with http_client(args, args.max_concurrency or args.num_prompts) as client:
+        target = await open_target(args, client)
+        r = await client.get(f"{target.base_url}/cluster/instances", headers=target.headers)
+        r.raise_for_status()
+        roles = {i["id"]: i["role"] for i in r.json()}
+        split = {i: role for i, role in roles.items() if role in ("prefill", "decode")}
+        if not ({"prefill", "decode"} <= set(split.values())):
+            raise RuntimeError(
+                f"the pd workload needs prefill and decode instances behind the router; it has {roles}"
+            )
+        try:
+            for run_index, name in enumerate(("prefill/decode", "all mixed")):
+                if run_index == 1:
+                    await _set_roles(target, {i: "mixed" for i in split})
+                rng = random.Random(args.seed + 7 * run_index)  # fresh prompts: no cache carried over
+                prompts = [random_prompt(rng, args.input_len, tokenizer) for _ in range(args.num_prompts)]
+                results, duration = await drive(
+                    target,
+                    prompts,
+                    args.output_len,
+                    args.input_len,
+                    args.request_rate,
+                    args.max_concurrency,
+                    rng,
+                    False,
+                )
+                m = compute_metrics(results, duration, slo)
+                rows.append({"run": name, **m})
+        finally:
+            await _set_roles(target, split)
+    return {"workload": "pd", "model_id": target.model, "base_url": target.base_url, "slo": slo, "runs": rows}
+
+
 def format_runs(report: dict[str, Any]) -> str:
     runs = report["runs"]
-    extra = (
-        [("offline tok/s", "offline_output_throughput", ".1f"), ("offline done", "offline_completed", "d")]
-        if report["workload"] == "mixed"
-        else [("prefix hit rate", "prefix_hit_rate", ".1%")]
-    )
+    extra = {
+        "mixed": [
+            ("offline tok/s", "offline_output_throughput", ".1f"),
+            ("offline done", "offline_completed", "d"),
+        ],
+        "shared-prefix": [("prefix hit rate", "prefix_hit_rate", ".1%")],
+        "pd": [
+            ("p90 TTFT ms", "p90_ttft_ms", ".1f"),
+            ("p90 TPOT ms", "p90_tpot_ms", ".1f"),
+            ("p99 TPOT ms", "p99_tpot_ms", ".1f"),
+            ("goodput req/s", "request_goodput", ".2f"),
+        ],
+    }[report["workload"]]
     columns = [
         ("run", "run", "s"),
         ("ok", "completed", "d"),
@@ -202,6 +260,14 @@ def format_runs(report: dict[str, Any]) -> str:
         if report["workload"] == "mixed":
             ratio = r["p99_ttft_ms"] / first["p99_ttft_ms"] if first["p99_ttft_ms"] else math.nan
             lines.append(f"{r['run']}: online p99 TTFT x{ratio:.2f} of online alone")
+        elif report["workload"] == "pd":
+            slo = (
+                ",".join(f"{k}={v:g}" for k, v in report["slo"].items()) or "none given: every success counts"
+            )
+            lines.append(
+                f"goodput at the SLO ({slo}): {first['run']} {first['request_goodput']:.2f} req/s, "
+                f"{r['run']} {r['request_goodput']:.2f} req/s"
+            )
         else:
             ratio = r["mean_ttft_ms"] / first["mean_ttft_ms"] if first["mean_ttft_ms"] else math.nan
             lines.append(
@@ -218,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--offline-concurrency, --prefix-groups and --prefix-len must be >= 1")
     if args.compare_policies and args.workload != "shared-prefix":
         raise CLIError("--compare-policies goes with --workload shared-prefix")
-    runner = run_mixed if args.workload == "mixed" else run_shared_prefix
+    runner = {"mixed": run_mixed, "shared-prefix": run_shared_prefix, "pd": run_pd}[args.workload]
     try:
         report = asyncio.run(runner(args))
     except Exception as exc:
