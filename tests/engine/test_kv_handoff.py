@@ -149,3 +149,32 @@ def test_handoff_options_are_checked(pair) -> None:
             "x", {"prompt_token_ids": [1, 2], "kv_hold": True}, PARAMS.model_copy(update={"n": 2})
         )
     assert not decode.engine.requests
+
+
+def test_received_requests_wait_for_a_seat(make_llm) -> None:
+    prefill, decode = make_llm(), make_llm(max_num_seqs=1)
+    prompts = [[(7 * i + j) % 400 + 20 for j in range(30)] for i in range(3)]
+    firsts = [
+        run(
+            prefill.engine,
+            f"p{i}",
+            {"prompt_token_ids": p, "kv_hold": True},
+            PARAMS.model_copy(update={"max_tokens": 1}),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    for i, (p, first) in enumerate(zip(prompts, firsts, strict=True)):
+        source = EngineSource(prefill.engine, transfer_id=first.kv_transfer_params["transfer_id"])
+        decode.engine.add_request(
+            f"d{i}",
+            {"prompt_token_ids": p, "resume_token_ids": first.outputs[0].token_ids, "kv_source": source},
+            PARAMS,
+        )
+    finished = []
+    deadline = time.monotonic() + 60
+    while decode.engine.requests:
+        assert time.monotonic() < deadline
+        assert decode.engine.scheduler.num_running <= 1
+        finished += [o.request_id for o in decode.engine.step() if o.finished]
+    assert sorted(finished) == ["d0", "d1", "d2"]
+    drain_holds(prefill.engine)

@@ -129,6 +129,7 @@ class LLMEngine:
         self.faults = StepFaults(config.max_consecutive_step_failures)  # see step()
         # Prefill/decode hand-off; its transfer engine (a listening socket) starts on first use.
         self.handoff = KVHandoff(self.backend, self.kv_cache, lambda: self.kv_caches)
+        self._received: list[Sequence] = []  # prompt KV received, waiting for a free seat
 
     def _choose_dtype(self, model_path: str) -> torch.dtype:
         """dtype="auto": the checkpoint's dtype where the backend computes it natively, else
@@ -361,7 +362,7 @@ class LLMEngine:
         (see `_step_failed`).
         """
         self.faults.check_alive()
-        if self.handoff.has_work():
+        if self.handoff.has_work() or self._received:
             self._admit_received()
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -412,7 +413,10 @@ class LLMEngine:
             seq.num_computed_tokens = seq.num_prompt_tokens
             self.kv_cache.commit_computed_blocks(seq)
             self.kv_cache.record_prefix_hit(seq)
-            self.scheduler.add_running(seq)
+        # They hold their blocks already, but a seat only when one is free (max_num_seqs).
+        self._received += ready
+        while self._received and self.scheduler.num_running < self.scheduler.max_num_seqs:
+            self.scheduler.add_running(self._received.pop(0))
         for seq, why in failed:
             logger.warning("%s; prefilling request %s here instead", why, seq.request.request_id)
             self.kv_cache.free(seq)
@@ -492,6 +496,9 @@ class LLMEngine:
         if seq.request.kv_hold and reason == "length" and seq.num_computed_tokens >= seq.num_prompt_tokens:
             seq.request.kv_transfer_params = self.handoff.hold(seq)
         if self.handoff.cancel(seq):  # aborted while its KV was on the way
+            self.kv_cache.free(seq)
+        elif seq in self._received:  # aborted with its KV here, before it got a seat
+            self._received.remove(seq)
             self.kv_cache.free(seq)
         elif seq.status is not SequenceStatus.HELD:
             self.scheduler.remove(seq)
