@@ -27,9 +27,10 @@ from starlette.background import BackgroundTask
 
 from xllm.cluster import failover, policies
 from xllm.cluster.registry import Role
+from xllm.cluster.relay import INSTANCE_HEADER, Relay, Upstream, passed_headers
 
 if TYPE_CHECKING:
-    from xllm.cluster.router import RouterState, Upstream
+    from xllm.cluster.router import RouterState
 
 logger = logging.getLogger("xllm.cluster")
 
@@ -142,8 +143,6 @@ async def forward_pd(
     chat: bool,
 ) -> Response | None:
     """Serves the request prefill-then-decode; None when it is to be served whole instead."""
-    from xllm.cluster.router import INSTANCE_HEADER, Relay, passed_headers
-
     if not (state.pd_active() and eligible(payload)):
         return None
     placed = await upstream.place(
