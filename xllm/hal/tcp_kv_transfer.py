@@ -19,6 +19,12 @@ and a broken connection belongs to one transfer):
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON. The receiver checks the
 header against what `expect` announced before any payload is read, so a mismatch costs one round
 trip and touches no block.
+
+Device transports (`DeviceTransport`, e.g. CUDA's NCCL one) plug into the payload phase only: the
+sender adds a "device" field to the header, the receiver answers with a "device" field in its ok
+frame when it agrees, and then the transport moves the bytes (using this connection for its own
+control frames) instead of the socket. Either side declining, or an engine without a transport,
+leaves both fields out and the exchange above is unchanged byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -90,6 +97,78 @@ class _Eof(ConnectionError):
     pass
 
 
+class DeviceTransportError(Exception):
+    """A device transport's payload phase failed; the engine reports it as a KVTransferError over
+    that transport (the message is the reason)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTransferStats(TransferStats):
+    """`TransferStats` of a transfer whose payload moved over a device transport, which it names.
+    Plain TCP transfers keep returning `TransferStats` (read ``getattr(s, "transport", "tcp")``)."""
+
+    transport: str = "tcp"
+
+
+class DeviceTransport(ABC):
+    """The payload phase of a transfer on a device path, negotiated per connection.
+
+    The engine keeps the TCP connection for the header, layout validation, acks and cancellation;
+    a transport only decides whether it can carry a transfer (`offer` on the sender, `accept` on
+    the receiver, both JSON-able dicts or None for "use TCP") and then moves the KV bytes. It may
+    send its own frames over the connection (`_write_frame`/`_read_frame`), e.g. to keep both
+    ends of a collective in step. Errors: raise `DeviceTransportError` (or let OSError from the
+    socket through); the engine turns them into a `KVTransferError` over `name`.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def offer(self, kv_caches: KVCaches, peer: str) -> dict[str, Any] | None:
+        """Sender: the header's "device" field for sending from `kv_caches` to `peer`, or None."""
+
+    @abstractmethod
+    def accept(self, offer: dict[str, Any], kv_caches: KVCaches, sender: str) -> dict[str, Any] | None:
+        """Receiver: the ok frame's "device" field taking up `offer`, or None to receive over TCP."""
+
+    @abstractmethod
+    def send_payload(
+        self,
+        sock: socket.socket,
+        peer: str,
+        offer: dict[str, Any],
+        answer: dict[str, Any],
+        kv_caches: KVCaches,
+        block_ids: list[int],
+        num_tokens: int,
+        layers: list[int],
+        deadline: float,
+        check_cancelled: Callable[[int], None],
+    ) -> int:
+        """Moves the K and V of `layers` (the same rows, in the same order, as over TCP); returns
+        the payload bytes. `check_cancelled(bytes_so_far)` raises once the send is cancelled."""
+
+    @abstractmethod
+    def receive_payload(
+        self,
+        sock: socket.socket,
+        sender: str,
+        offer: dict[str, Any],
+        answer: dict[str, Any],
+        kv_caches: KVCaches,
+        block_ids: list[int],
+        num_tokens: int,
+        layers: list[int],
+        deadline: float,
+    ) -> int:
+        """Writes what `send_payload` moves into the blocks, synchronised with the device before it
+        returns (the engine acks right after); returns the payload bytes."""
+
+    def close(self) -> None:
+        """Releases what the transport holds (communicators, streams); the engine is closing."""
+        return None  # a transport that holds nothing needs no close
+
+
 @dataclass(eq=False)
 class _Expected:
     transfer_id: str
@@ -105,6 +184,7 @@ class _Expected:
     sender: str = "?"
     bytes: int = 0
     started: float | None = None
+    transport: str = "tcp"  # what carried the payload (a device transport's name when one did)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -147,7 +227,8 @@ class TcpKVTransferEngine(KVTransferEngine):
     synchronize: ``f(device)`` waiting for device work (staged writes must land before the ack);
     connect_timeout_s, send_timeout_s: a send's connect and per-operation limits;
     expect_timeout_s: default lifetime of an expected transfer;
-    arrival_wait_s: how long an incoming transfer waits for its `expect` (the two race).
+    arrival_wait_s: how long an incoming transfer waits for its `expect` (the two race);
+    device_transport: a `DeviceTransport` offered for (and accepted from) peers, e.g. NCCL.
     """
 
     transport: ClassVar[str] = "tcp"
@@ -166,8 +247,10 @@ class TcpKVTransferEngine(KVTransferEngine):
         send_timeout_s: float = 60.0,
         expect_timeout_s: float = 120.0,
         arrival_wait_s: float = 5.0,
+        device_transport: DeviceTransport | None = None,
     ) -> None:
         super().__init__()
+        self._device = device_transport
         self.name = name
         self.pin_memory = pin_memory
         self.zero_copy = zero_copy
@@ -251,13 +334,15 @@ class TcpKVTransferEngine(KVTransferEngine):
             self._cond.notify_all()
         for t in threads:
             t.join(timeout=5)
+        if self._device is not None:
+            self._device.close()
 
     def state(self) -> TransferEngineState:
         with self._cond:
             c = self._counts
             return TransferEngineState(
                 address=self._address,
-                transport=self.transport,
+                transport=self.transport if self._device is None else f"{self.transport}+{self._device.name}",
                 pending_receives=len(self._pending),
                 active_sends=len(self._sends),
                 open_connections=len(self._conns),
@@ -414,6 +499,7 @@ class TcpKVTransferEngine(KVTransferEngine):
         got = total = 0
         staging: torch.Tensor | None = None
         outcome: tuple[_Expected, TransferStats | KVTransferError] | None = None
+        transport = self.transport
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self.send_timeout_s)
@@ -423,10 +509,30 @@ class TcpKVTransferEngine(KVTransferEngine):
             sender = str(header.get("sender", "?"))
             exp, layers = self._claim(header, conn)
             total = 2 * len(layers) * exp.num_tokens * exp.layout.token_bytes
-            _write_frame(conn, {"ok": True, "receiver": self.label})
+            answer = self._accept_device(header, exp, sender)
+            ok: dict[str, Any] = {"ok": True, "receiver": self.label}
+            if answer is not None:
+                ok["device"] = answer
+            _write_frame(conn, ok)
             staged_devices: set[torch.device] = set()
             with torch.inference_mode():  # engines allocate caches as inference tensors
-                for layer in layers:
+                if answer is not None and self._device is not None:
+                    transport = exp.transport = self._device.name
+                    got = self._device.receive_payload(
+                        conn,
+                        sender,
+                        header["device"],
+                        answer,
+                        exp.kv_caches,
+                        exp.block_ids,
+                        exp.num_tokens,
+                        layers,
+                        time.monotonic() + self.send_timeout_s,
+                    )
+                    layers_to_stream: list[int] = []
+                else:
+                    layers_to_stream = layers
+                for layer in layers_to_stream:
                     for cache in exp.kv_caches[layer]:
                         if self._direct(cache):
                             for view in _token_views(cache, exp.block_ids, exp.num_tokens):
@@ -450,12 +556,24 @@ class TcpKVTransferEngine(KVTransferEngine):
             if r.fatal and r.expected is not None:
                 outcome = (
                     r.expected,
-                    _error_for(r.kind, r.reason, r.expected.transfer_id, sender, self.label, self.transport),
+                    _error_for(r.kind, r.reason, r.expected.transfer_id, sender, self.label, transport),
                 )
             try:
                 _write_frame(conn, {"ok": False, "kind": r.kind, "error": r.reason})
             except OSError:
                 pass
+        except DeviceTransportError as exc:
+            if exp is not None:
+                outcome = (
+                    exp,
+                    KVTransferError(
+                        str(exc),
+                        transfer_id=exp.transfer_id,
+                        source=sender,
+                        destination=self.label,
+                        transport=transport,
+                    ),
+                )
         except (OSError, ValueError, _Eof) as exc:
             if exp is not None:
                 what = (
@@ -468,7 +586,7 @@ class TcpKVTransferEngine(KVTransferEngine):
                         transfer_id=exp.transfer_id,
                         source=sender,
                         destination=self.label,
-                        transport=self.transport,
+                        transport=transport,
                     ),
                 )
         except Exception as exc:  # noqa: BLE001 - a device copy failing must still fail the transfer
@@ -481,7 +599,7 @@ class TcpKVTransferEngine(KVTransferEngine):
                         transfer_id=exp.transfer_id,
                         source=sender,
                         destination=self.label,
-                        transport=self.transport,
+                        transport=transport,
                     ),
                 )
         finally:
@@ -557,7 +675,8 @@ class TcpKVTransferEngine(KVTransferEngine):
             self._counts["bytes_received"] += nbytes
             if exp.remaining:
                 return None
-        return TransferStats(
+        return _stats(
+            exp.transport,
             transfer_id=exp.transfer_id,
             peer=exp.sender,
             bytes=exp.bytes,
@@ -566,6 +685,13 @@ class TcpKVTransferEngine(KVTransferEngine):
             tokens=exp.num_tokens,
             seconds=time.monotonic() - (exp.started or time.monotonic()),
         )
+
+    def _accept_device(self, header: dict[str, Any], exp: _Expected, sender: str) -> dict[str, Any] | None:
+        """The device transport's answer to the header's offer; None (TCP) without either."""
+        offer = header.get("device")
+        if self._device is None or not isinstance(offer, dict):
+            return None
+        return self._device.accept(offer, exp.kv_caches, sender)
 
     # ------------------------------------------------------------------ sending side
 
@@ -583,11 +709,10 @@ class TcpKVTransferEngine(KVTransferEngine):
         ids, chosen = check_transfer_args(layout, kv_caches[0][0].shape[0], block_ids, num_tokens, layers)
         host, port = parse_address(peer)
         timeout = self.send_timeout_s if timeout_s is None else timeout_s
+        used = self.transport  # becomes the device transport's name once the receiver takes it up
 
         def error(cls: type[KVTransferError], reason: str) -> KVTransferError:
-            return cls(
-                reason, transfer_id=transfer_id, source=self.label, destination=peer, transport=self.transport
-            )
+            return cls(reason, transfer_id=transfer_id, source=self.label, destination=peer, transport=used)
 
         start = time.monotonic()
         sent = 0
@@ -617,10 +742,32 @@ class TcpKVTransferEngine(KVTransferEngine):
                 "num_tokens": num_tokens,
                 "layers": chosen,
             }
+            offer = self._device.offer(kv_caches, peer) if self._device is not None else None
+            if offer is not None:
+                header["device"] = offer
             _write_frame(sock, header, MAGIC)
-            self._check_reply(_read_frame(sock), error)
+            reply = _read_frame(sock)
+            self._check_reply(reply, error)
+            answer = reply.get("device") if offer is not None else None
             with torch.inference_mode():
-                for layer in chosen:
+                if isinstance(answer, dict) and offer is not None and self._device is not None:
+                    used = self._device.name
+                    sent = self._device.send_payload(
+                        sock,
+                        peer,
+                        offer,
+                        answer,
+                        kv_caches,
+                        ids,
+                        num_tokens,
+                        chosen,
+                        start + timeout,
+                        lambda done: self._raise_if_cancelled(transfer_id, error, done, total),
+                    )
+                    layers_to_stream: list[int] = []
+                else:
+                    layers_to_stream = chosen
+                for layer in layers_to_stream:
                     self._raise_if_cancelled(transfer_id, error, sent, total)
                     if time.monotonic() - start > timeout:
                         raise error(
@@ -641,6 +788,9 @@ class TcpKVTransferEngine(KVTransferEngine):
         except KVTransferError:
             self._count_failure()
             raise
+        except DeviceTransportError as exc:
+            self._count_failure()
+            raise error(KVTransferError, str(exc)) from exc
         except (OSError, ValueError, _Eof) as exc:
             self._count_failure()
             with self._cond:
@@ -669,7 +819,8 @@ class TcpKVTransferEngine(KVTransferEngine):
         with self._cond:
             self._counts["sends_ok"] += 1
             self._counts["bytes_sent"] += sent
-        return TransferStats(
+        return _stats(
+            used,
             transfer_id=transfer_id,
             peer=peer,
             bytes=sent,
@@ -739,6 +890,13 @@ class TcpKVTransferEngine(KVTransferEngine):
 # ---------------------------------------------------------------------------------- helpers
 
 
+def _stats(transport: str, **fields: Any) -> TransferStats:
+    """Plain `TransferStats` for TCP (what callers always got), `DeviceTransferStats` otherwise."""
+    if transport == TcpKVTransferEngine.transport:
+        return TransferStats(**fields)
+    return DeviceTransferStats(**fields, transport=transport)
+
+
 def _error_for(
     kind: str, reason: str, transfer_id: str, source: str, destination: str, transport: str
 ) -> KVTransferError:
@@ -805,4 +963,12 @@ def _write_frame(sock: socket.socket, obj: dict[str, Any], prefix: bytes = b"") 
     sock.sendall(prefix + _LEN.pack(len(data)) + data)
 
 
-__all__ = ["MAGIC", "PROTOCOL_VERSION", "TcpKVTransferEngine", "parse_address"]
+__all__ = [
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "DeviceTransferStats",
+    "DeviceTransport",
+    "DeviceTransportError",
+    "TcpKVTransferEngine",
+    "parse_address",
+]

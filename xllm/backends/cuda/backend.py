@@ -250,7 +250,8 @@ class CudaBackend(Backend):
     def create_kv_transfer(
         self, host: str = "127.0.0.1", port: int = 0, **options: object
     ) -> KVTransferEngine:
-        # TCP like the default, with pinned staging for GPU caches (see kv_transfer.py).
+        # TCP control plane with the KV over NCCL between two GPUs, pinned staging otherwise
+        # (see kv_transfer.py).
         from xllm.backends.cuda.kv_transfer import create_cuda_kv_transfer
 
         return create_cuda_kv_transfer(host, port, **options)
