@@ -20,6 +20,7 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     "model": (["--model", "/models/x"], "/models/x"),
     "backend": (["--backend", "cuda"], "cuda"),
     "dtype": (["--dtype", "fp16"], "float16"),
+    "quantization": (["--quantization", "int8"], "int8"),
     "max_model_len": (["--max-model-len", "512"], 512),
     "block_size": (["--block-size", "32"], 32),
     "kv_cache_memory": (["--kv-cache-memory", "2GiB"], 2 << 30),

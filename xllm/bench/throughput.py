@@ -160,10 +160,10 @@ def model_weight_bytes(model) -> int:
     seen: dict[int, int] = {}
 
     def visit(obj, depth: int = 0) -> None:
-        if depth > 4:
+        if depth > 6:  # an int8 weight's tensors sit one level deeper than a float one
             return
         if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and obj.dim() >= 1:
+            if (obj.is_floating_point() or obj.dtype == torch.int8) and obj.dim() >= 1:
                 seen[obj.data_ptr()] = obj.numel() * obj.element_size()
         elif isinstance(obj, (list, tuple)):
             for item in obj:

@@ -60,6 +60,12 @@ class EngineConfig(BaseModel):
         description="weight and activation dtype; auto: the checkpoint's where the backend computes "
         "it natively, else float32",
     )
+    quantization: Literal["none", "int8"] = Field(
+        "none",
+        description="weight quantization at load: none, or int8 (int8 weights with one float scale per 32 "
+        "input features, llama.cpp's Q8_0) for the attention and MLP projections and an untied "
+        "output head",
+    )
     max_model_len: int | None = Field(
         None,
         ge=1,

@@ -69,7 +69,7 @@ class LLMEngine:
         model_path = str(config.model) if config.model is not None else str(default_model_path())
         self.model_path = model_path
         dtype = self._choose_dtype(model_path) if config.dtype == "auto" else torch_dtype(config.dtype)
-        self.model = load_model(model_path, self.backend, dtype=dtype)
+        self.model = load_model(model_path, self.backend, dtype=dtype, quantization=config.quantization)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
         self.generation_defaults = load_generation_config(model_path)

@@ -29,6 +29,39 @@ from xllm.hal.validation import INDEX_DTYPES, check_dim, check_same_dtype, check
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Input features per int8 scale (llama.cpp's Q8_0 block): `quantize_int8` and `linear_int8`.
+INT8_GROUP_SIZE = 32
+
+
+def quantize_int8(
+    weight: torch.Tensor, group_size: int = INT8_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 of a [out, in] weight with one scale per `group_size`
+    consecutive input features: ``(qweight int8 [out, in], scales float32 [out, in / group_size])``.
+
+    ``scale = max|w| / 127`` over the group and ``q = round(w / scale)``, so every q is in
+    [-127, 127] and each weight is off by at most half a scale. An all-zero group gets scale 0 (and
+    q 0): it dequantises to exact zeros. Computed in float32 whatever the weight's dtype.
+    """
+    if weight.dim() != 2 or weight.shape[1] % group_size:
+        raise ValueError(
+            f"quantize_int8: need a [out, in] weight with in a multiple of {group_size}, "
+            f"got {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scales = groups.abs().amax(dim=-1, keepdim=True) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # 0/0 would be NaN
+    qweight = torch.round(groups / safe).clamp_(-127, 127).to(torch.int8)
+    return qweight.reshape(out_features, in_features), scales.reshape(out_features, -1).contiguous()
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 [out, in] weight ``qweight * scales`` that `linear_int8` multiplies by."""
+    out_features, in_features = qweight.shape
+    groups = qweight.reshape(out_features, in_features // group_size, group_size).float()
+    return (groups * scales.unsqueeze(-1)).reshape(out_features, in_features)
+
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -179,6 +212,43 @@ class Backend(ABC):
             check_tensor(op, "bias", bias, ndim=1, dtypes=(x.dtype,))
             check_dim(op, "bias", bias.shape[0], weight.shape[0], "length")
         return self._linear(x, weight, bias)
+
+    def linear_int8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = INT8_GROUP_SIZE,
+    ) -> torch.Tensor:
+        """`linear` with a weight-only int8 weight (llama.cpp's Q8_0 layout): ``x @ W.T + bias``
+        where ``W = qweight * scales`` per group, see `dequantize_int8`.
+
+        x [T, in] in a float dtype; qweight int8 [out, in]; scales float32 [out, in / group_size],
+        one per `group_size` consecutive input features of a row; bias [out] in x's dtype. The
+        result is in x's dtype. The default dequantises W (formed in float32, then rounded to x's
+        dtype) and calls `_linear`, so every backend runs it; a backend overrides `_linear_int8`
+        with a kernel that reads the int8 weight directly (the CPU backend does, for decode).
+        """
+        op = "linear_int8"
+        check_tensor(op, "x", x, ndim=2, dtypes=self.capabilities.dtypes)
+        check_tensor(op, "qweight", qweight, ndim=2, dtypes=(torch.int8,))
+        check_tensor(op, "scales", scales, ndim=2, dtypes=(torch.float32,))
+        check_dim(op, "qweight", qweight.shape[1], x.shape[1], "input features")
+        if not (isinstance(group_size, int) and group_size > 0 and qweight.shape[1] % group_size == 0):
+            raise ValueError(
+                f"{op}: argument 'group_size' must be a positive divisor of the {qweight.shape[1]} "
+                f"input features, got {group_size!r}"
+            )
+        if tuple(scales.shape) != (qweight.shape[0], qweight.shape[1] // group_size):
+            raise ValueError(
+                f"{op}: argument 'scales' has shape {tuple(scales.shape)}, expected "
+                f"{(qweight.shape[0], qweight.shape[1] // group_size)} (out, in / group_size)"
+            )
+        if bias is not None:
+            check_tensor(op, "bias", bias, ndim=1, dtypes=(x.dtype,))
+            check_dim(op, "bias", bias.shape[0], qweight.shape[0], "length")
+        return self._linear_int8(x, qweight, scales, bias, group_size)
 
     def reshape_and_cache(
         self,
@@ -429,6 +499,16 @@ class Backend(ABC):
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)
+
+    def _linear_int8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        return self._linear(x, dequantize_int8(qweight, scales, group_size).to(x.dtype), bias)
 
     @abstractmethod
     def _reshape_and_cache(

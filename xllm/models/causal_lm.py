@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from xllm.hal.backend import Backend
 from xllm.hal.metadata import AttentionMetadata
 from xllm.models.config import ModelConfig
-from xllm.models.layers import DecoderLayer, RMSNorm, Weights, build_cos_sin_cache
+from xllm.models.layers import DecoderLayer, RMSNorm, Weights, build_cos_sin_cache, project
 
 
 class CausalLM:
@@ -75,4 +75,4 @@ class CausalLM:
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 [N, vocab]; the runner passes only the rows it samples from."""
-        return self.backend.linear(hidden, self.lm_head).float()
+        return project(self.backend, hidden, self.lm_head).float()

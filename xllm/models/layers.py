@@ -2,10 +2,11 @@
 
 Every numeric kernel goes through the HAL `Backend` passed in (``backend.rms_norm``,
 ``backend.rotary_embedding``, ``backend.reshape_and_cache``, ``backend.attention``,
-``backend.silu_and_mul``, ``backend.linear`` for the projections); the only torch ops used
-directly are views and embedding lookups, which every torch device runs. Weights are plain
-tensors already fused the way the kernels want them (q/k/v in one matrix, gate/up in one), so a
-forward step issues one GEMM per projection group.
+``backend.silu_and_mul``, ``backend.linear`` for the projections, ``backend.linear_int8`` for
+those quantised at load); the only torch ops used directly are views and embedding lookups, which
+every torch device runs. Weights are plain tensors (or `Int8Weight`) already fused the way the
+kernels want them (q/k/v in one matrix, gate/up in one), so a forward step issues one GEMM per
+projection group.
 
 Weights come in with Hugging Face names via the `Weights` helper; see `loader.py` for the fusing.
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from xllm.hal.backend import Backend
+from xllm.hal.backend import INT8_GROUP_SIZE, Backend, quantize_int8
 from xllm.hal.metadata import AttentionMetadata
 from xllm.models.config import ModelConfig
 
@@ -33,7 +35,7 @@ class MissingWeightError(KeyError):
 class Weights:
     """Name -> tensor view of a checkpoint that reports missing names clearly."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor | Int8Weight], source: str = "checkpoint") -> None:
         self.tensors = tensors
         self.source = source
 
@@ -48,6 +50,47 @@ class Weights:
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name)
+
+
+# ---------------------------------------------------------------------------------------- int8
+
+
+@dataclass(frozen=True, slots=True)
+class Int8Weight:
+    """A projection weight stored as int8 with per-group float32 scales (`quantize_int8`); the
+    layers hand it to ``backend.linear_int8`` where a float weight goes to ``backend.linear``."""
+
+    qweight: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # float32 [out, in / group_size]
+    group_size: int = INT8_GROUP_SIZE
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = INT8_GROUP_SIZE) -> Int8Weight:
+        qweight, scales = quantize_int8(weight, group_size)
+        return cls(qweight, scales, group_size)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qweight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scales.nbytes
+
+    def to(self, device: torch.device | str) -> Int8Weight:
+        return Int8Weight(self.qweight.to(device), self.scales.to(device), self.group_size)
+
+
+ProjWeight = torch.Tensor | Int8Weight
+
+
+def project(
+    backend: Backend, x: torch.Tensor, weight: ProjWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` through the backend op that matches how the weight is stored."""
+    if isinstance(weight, Int8Weight):
+        return backend.linear_int8(x, weight.qweight, weight.scales, bias, weight.group_size)
+    return backend.linear(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------- RoPE
@@ -127,8 +170,8 @@ class Attention:
         self,
         backend: Backend,
         config: ModelConfig,
-        qkv_weight: torch.Tensor,  # [q_size + 2 * kv_size, hidden]
-        o_weight: torch.Tensor,  # [hidden, q_size]
+        qkv_weight: ProjWeight,  # [q_size + 2 * kv_size, hidden]
+        o_weight: ProjWeight,  # [hidden, q_size]
         cos_sin_cache: torch.Tensor,  # shared by all layers
         qkv_bias: torch.Tensor | None = None,
         o_bias: torch.Tensor | None = None,
@@ -154,7 +197,7 @@ class Attention:
         md: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.backend.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = project(self.backend, x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -167,20 +210,20 @@ class Attention:
         k_cache, v_cache = kv_cache
         self.backend.reshape_and_cache(k, v, k_cache, v_cache, md.slot_mapping)
         out = self.backend.attention(q, k, v, k_cache, v_cache, md)
-        return self.backend.linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
+        return project(self.backend, out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 
 
 class GatedMLP:
     """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` with gate and up fused in one [2*inter, hidden] GEMM."""
 
-    def __init__(self, backend: Backend, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> None:
+    def __init__(self, backend: Backend, gate_up_weight: ProjWeight, down_weight: ProjWeight) -> None:
         self.backend = backend
         self.gate_up_weight = gate_up_weight
         self.down_weight = down_weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.backend.linear(x, self.gate_up_weight)
-        return self.backend.linear(self.backend.silu_and_mul(gate_up), self.down_weight)
+        gate_up = project(self.backend, x, self.gate_up_weight)
+        return project(self.backend, self.backend.silu_and_mul(gate_up), self.down_weight)
 
 
 class DecoderLayer:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from xllm.hal.backend import Backend
+from xllm.hal.backend import INT8_GROUP_SIZE, Backend
 from xllm.models.causal_lm import CausalLM
 from xllm.models.config import SUPPORTED_FAMILIES, ModelConfig, parse_dtype
-from xllm.models.layers import MissingWeightError, Weights
+from xllm.models.layers import Int8Weight, MissingWeightError, Weights
 from xllm.models.llama import LlamaForCausalLM
 from xllm.models.mistral import MistralForCausalLM
 from xllm.models.qwen2 import Qwen2ForCausalLM
@@ -130,18 +130,61 @@ def fuse_projections(
     return tensors
 
 
+QUANTIZATIONS = ("none", "int8")
+# The fused projections of every layer, and an untied output head: the weights a decode step
+# streams. Embeddings are a row lookup (nothing to stream) and stay float, and so does a head tied
+# to them (quantising it would add an int8 copy beside the float matrix the lookup needs). As in
+# llama.cpp's Q8_0 files, which quantise output.weight too: on the 100M Llama the int8 head reads
+# 18 MB less per step (decode step 6.4 -> 5.8 ms, 2 cores), and greedy agreement with float32 on
+# the tiny checkpoints was unchanged (it added one flip of a 0.014-nat near-tie on the 100M).
+QUANTIZED_HEAD = "lm_head.weight"
+QUANTIZED_PROJECTIONS = (
+    "self_attn.qkv_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+def quantize_projections(
+    tensors: dict[str, torch.Tensor], config: ModelConfig, group_size: int = INT8_GROUP_SIZE
+) -> dict[str, torch.Tensor | Int8Weight]:
+    """Replaces, in place, each layer's projection weights (after fusing) and an untied output
+    head with `Int8Weight` (Q8_0: int8 with one float32 scale per `group_size` input features);
+    a weight whose input features are not a multiple of `group_size` stays as it is. In place so
+    that each float weight is freed as soon as its int8 copy exists."""
+    out: dict[str, torch.Tensor | Int8Weight] = tensors  # type: ignore[assignment]
+    for i in range(config.num_layers):
+        for suffix in QUANTIZED_PROJECTIONS:
+            name = f"model.layers.{i}.{suffix}"
+            weight = out[name]
+            if isinstance(weight, torch.Tensor) and weight.shape[1] % group_size == 0:
+                out[name] = Int8Weight.quantize(weight, group_size)
+    head = out.get(QUANTIZED_HEAD)
+    if not config.tie_word_embeddings and isinstance(head, torch.Tensor) and head.shape[1] % group_size == 0:
+        out[QUANTIZED_HEAD] = Int8Weight.quantize(head, group_size)
+    return out
+
+
 def load_model(
     path: str | Path,
     backend: Backend,
     dtype: str | torch.dtype = "auto",
     device_index: int = 0,
     progress: bool = True,
+    quantization: str = "none",
 ) -> CausalLM:
     """Builds the family model for the checkpoint at `path` on ``backend.device(device_index)``.
 
     dtype: "auto" (config.json's ``dtype``/``torch_dtype``, else float32), "float32", "bfloat16",
-    "float16" or a torch.dtype.
+    "float16" or a torch.dtype. quantization: "none", or "int8" for weight-only int8 projections
+    and untied output head (`quantize_projections`); activations, norms and embeddings keep
+    `dtype`, and logits are float32 as always.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"unsupported quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
+        )
     path = check_model_dir(path)
     config = ModelConfig.from_pretrained(path)
     target = resolve_dtype(dtype, config)
@@ -153,6 +196,9 @@ def load_model(
     files = weight_files(path)
     source = f"the checkpoint in {str(path)!r}"
     tensors = fuse_projections(read_tensors(files, target, progress), config, source)
+    if quantization == "int8":
+        # On the host, before the move: the device then only ever holds the int8 copy.
+        tensors = quantize_projections(tensors, config)
     device = backend.device(device_index)
     if device.type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from xllm.backends.cpu import attention, linear, ops
+from xllm.backends.cpu import attention, linear, ops, quant_linear
 from xllm.backends.cpu.comm import GlooCommunicator
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
@@ -131,6 +131,19 @@ class CpuBackend(Backend):
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return linear.linear(x, weight, bias)
+
+    def _linear_int8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        out = quant_linear.linear_int8(x, qweight, scales, bias, group_size)
+        if out is None:  # no kernel here, or a case it does not take: the HAL's reference
+            return super()._linear_int8(x, qweight, scales, bias, group_size)
+        return out
 
     def _silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return ops.silu_and_mul(x)

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xllm.hal.backend import FLOAT_DTYPES, Capabilities
+from xllm.hal.backend import FLOAT_DTYPES, INT8_GROUP_SIZE, Capabilities
 from xllm.hal.errors import NotSupportedError
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 from xllm.hal.sampling_ops import row_uniforms
@@ -128,6 +128,26 @@ class NumpyReference:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = to_numpy(x) @ to_numpy(weight).T
+        if bias is not None:
+            out = out + to_numpy(bias)
+        return _out(out)
+
+    def linear_int8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = INT8_GROUP_SIZE,
+    ) -> torch.Tensor:
+        q = to_numpy(qweight)
+        out_features, in_features = q.shape
+        groups = q.reshape(out_features, in_features // group_size, group_size)
+        w = (groups * to_numpy(scales)[:, :, None]).reshape(out_features, in_features)
+        # The contract forms W in float32 (exact here: |q| <= 128 times a float32 scale rounds
+        # once) and rounds it to x's dtype before the product.
+        w = round_to(round_to(w, torch.float32), x.dtype)
+        out = to_numpy(x) @ w.T
         if bias is not None:
             out = out + to_numpy(bias)
         return _out(out)
