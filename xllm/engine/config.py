@@ -6,7 +6,7 @@ It imports no torch (nor anything else heavy): the CLI reads it to build its eng
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
