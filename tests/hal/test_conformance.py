@@ -42,7 +42,7 @@ CONTRACT_OPS = (
     "processed_logits",
     "sample",
 )
-SYSTEM_KINDS = ("graph_replay", "xtensor")
+SYSTEM_KINDS = ("graph_replay", "xtensor", "comm")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 

@@ -32,6 +32,20 @@ class Communicator(ABC):
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Receives into `tensor` from rank `src` (blocking) and returns it."""
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copies rank `src`'s `tensor` into `tensor` on every rank (in place) and returns it.
+
+        Not abstract so that an out-of-tree communicator written before it existed keeps working:
+        this fallback is ``world_size - 1`` sends from `src`; in-tree backends use their
+        library's broadcast.
+        """
+        if self.rank == src:
+            for dst in range(self.world_size):
+                if dst != src:
+                    self.send(tensor, dst)
+            return tensor
+        return self.recv(tensor, src)
+
     @abstractmethod
     def barrier(self) -> None: ...
 

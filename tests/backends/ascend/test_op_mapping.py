@@ -286,7 +286,8 @@ def test_conformance_op_cases_pass_under_documented_semantics(split):
             pass
 
     backend = Simulated(npu_module=DocumentedNpu(), split_mixed_batches=split)
-    cases = [c for c in build_cases("all") if c.op not in ("graph_replay", "xtensor")]
+    # Comm cases need two devices (here: none); the op cases are what the translation must pass.
+    cases = [c for c in build_cases("all") if c.op not in ("graph_replay", "xtensor", "comm")]
     assert {c.op for c in cases} >= {"attention", "rms_norm", "reshape_and_cache", "sample"}
     report = run_suite(backend, get_backend("cpu"), cases)
     failed = [

@@ -163,6 +163,16 @@ class HcclCommunicator(Communicator):
         dist.recv(tensor, src=src, group=self.group)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._check()
+        if tensor.is_contiguous():
+            dist.broadcast(tensor, src=src, group=self.group)
+        else:
+            buf = tensor.contiguous()
+            dist.broadcast(buf, src=src, group=self.group)
+            tensor.copy_(buf)
+        return tensor
+
     def barrier(self) -> None:
         self._check()
         dist.barrier(group=self.group)

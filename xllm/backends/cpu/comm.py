@@ -61,6 +61,16 @@ class GlooCommunicator(Communicator):
             tensor.copy_(buf)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._check_open()
+        if tensor.is_contiguous():
+            dist.broadcast(tensor, src)
+        else:  # gloo reads and writes contiguous buffers only
+            buf = tensor.contiguous()
+            dist.broadcast(buf, src)
+            tensor.copy_(buf)
+        return tensor
+
     def barrier(self) -> None:
         self._check_open()
         dist.barrier()

@@ -55,6 +55,15 @@ class TorchDistCommunicator(Communicator):
         self._dist.recv(tensor, src)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if tensor.is_contiguous():
+            self._dist.broadcast(tensor, src)
+        else:
+            buf = tensor.contiguous()
+            self._dist.broadcast(buf, src)
+            tensor.copy_(buf)
+        return tensor
+
     def barrier(self) -> None:
         if self.backend == "nccl":
             self._dist.barrier(device_ids=[self.device.index or 0])

@@ -152,6 +152,7 @@ def build_cases(size: str = "all", filters: list[str] | None = None) -> list[Cas
 
 def _ensure_builtin_kinds() -> None:
     # Imported lazily: the kind modules import this one to register themselves.
+    import xllm.hal.conformance.comm  # noqa: F401
     import xllm.hal.conformance.ops  # noqa: F401
     import xllm.hal.conformance.quant  # noqa: F401
     import xllm.hal.conformance.system  # noqa: F401
