@@ -37,6 +37,7 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
         ["--backend-option", "interpret=true", "--backend-option", "device=npu:1"],
         {"interpret": True, "device": "npu:1"},
     ),
+    "tensor_parallel_size": (["--tensor-parallel-size", "2"], 2),
     "max_consecutive_step_failures": (["--max-consecutive-step-failures", "5"], 5),
 }
 

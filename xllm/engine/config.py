@@ -109,6 +109,14 @@ class EngineConfig(BaseModel):
         default_factory=dict,
         description="options for the named backend's constructor, e.g. interpret=true for cuda",
     )
+    # Each rank holds 1/N of the heads, the MLP and the vocabulary; ranks are worker processes
+    # driven by this engine's scheduler (`xllm.engine.tp`).
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="shard the model over this many worker processes, one per device (on the CPU "
+        "each gets cores/N threads); must divide the attention and KV heads",
+    )
     # A failing model step fails only its own requests; this many failures in a row (or one that
     # the backend calls fatal) mean the device is broken, and the engine stops (EngineDeadError).
     max_consecutive_step_failures: int = Field(

@@ -90,10 +90,11 @@ def log_kv_cache_plan(plan: KVCachePlan, block_size: int, max_len: int) -> None:
 def _profiled_budget(backend: Backend, model, config: EngineConfig, max_len: int) -> int:
     """utilization * total - used after a forward pass of the largest batch (the pass's own
     temporary KV blocks are given back to the budget: the allocator keeps them cached for reuse)."""
-    total = backend.mem_info().total_bytes
+    index = _device_index(model)
+    total = backend.mem_info(index).total_bytes
     temp_kv_bytes = profile_forward(backend, model, config, max_len)
-    backend.synchronize()
-    info = backend.mem_info()
+    backend.synchronize(index)
+    info = backend.mem_info(index)
     used = info.total_bytes - info.free_bytes
     budget = int(config.gpu_memory_utilization * total) - used + temp_kv_bytes
     logger.info(
@@ -112,6 +113,12 @@ def _profiled_budget(backend: Backend, model, config: EngineConfig, max_len: int
     return budget
 
 
+def _device_index(model) -> int:
+    """The device the model's weights are on (a tensor-parallel rank's is not device 0)."""
+    device = getattr(model, "device", None)
+    return (device.index or 0) if device is not None else 0
+
+
 def profile_forward(backend: Backend, model, config: EngineConfig, max_len: int) -> int:
     """Runs the model once on the largest step the scheduler can build (max_num_batched_tokens
     tokens as full-length prefills, logits for up to max_num_seqs rows) over a temporary cache;
@@ -123,8 +130,11 @@ def profile_forward(backend: Backend, model, config: EngineConfig, max_len: int)
     blocks_per_seq = [-(-n // bs) for n in lens]
     num_blocks = sum(blocks_per_seq) + 1
     c = model.config
-    device = backend.device()
-    caches = backend.allocate_kv_cache(c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, model.dtype)
+    index = _device_index(model)
+    device = backend.device(index)
+    caches = backend.allocate_kv_cache(
+        c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim, model.dtype, device_index=index
+    )
     tables, slots, positions, starts, first = [], [], [], [0], 1
     for n, nb in zip(lens, blocks_per_seq, strict=True):
         row = list(range(first, first + nb))

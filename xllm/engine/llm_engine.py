@@ -69,7 +69,13 @@ class LLMEngine:
         model_path = str(config.model) if config.model is not None else str(default_model_path())
         self.model_path = model_path
         dtype = self._choose_dtype(model_path) if config.dtype == "auto" else torch_dtype(config.dtype)
-        self.model = load_model(model_path, self.backend, dtype=dtype, quantization=config.quantization)
+        tp = config.tensor_parallel_size > 1
+        if tp:  # the model lives in the worker processes; this handle stands in for it
+            from xllm.engine.tp import TensorParallelExecutor
+
+            self.model = TensorParallelExecutor(config, self.backend, model_path, dtype)
+        else:
+            self.model = load_model(model_path, self.backend, dtype=dtype, quantization=config.quantization)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
         self.generation_defaults = load_generation_config(model_path)
@@ -83,7 +89,10 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                 f"{mc.max_position_embeddings}"
             )
-        plan = plan_kv_cache(self.backend, self.model, config, max_len)
+        if tp:
+            plan = self.model.plan_kv_cache(config, max_len)
+        else:
+            plan = plan_kv_cache(self.backend, self.model, config, max_len)
         num_blocks = plan.num_blocks
         capacity = num_blocks * config.block_size
         if max_len > capacity:
@@ -97,30 +106,34 @@ class LLMEngine:
             raise ValueError(chunked_prefill_error(config.max_num_batched_tokens, max_len))
         self.max_model_len = max_len
         log_kv_cache_plan(plan, config.block_size, max_len)
-        self.kv_caches = self.backend.allocate_kv_cache(
-            mc.num_layers,
-            plan.num_physical_blocks,
-            config.block_size,
-            mc.num_kv_heads,
-            mc.head_dim,
-            self.model.dtype,
-        )
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
-        self.runner = ModelRunner(
-            self.backend,
-            self.model,
-            self.kv_caches,
-            config.block_size,
-            self.max_model_len,
-            config.max_num_seqs,
-            tokenizer=self.tokenizer,
-            use_graphs=config.use_graphs,
-            capture_sizes=config.capture_sizes,
-            eos_token_ids=self.eos_token_ids,
-        )
+        if tp:  # each rank allocates the cache of its own KV heads
+            self.kv_caches = []
+            self.runner = self.model.start(plan.num_physical_blocks, self.max_model_len, self.eos_token_ids)
+        else:
+            self.kv_caches = self.backend.allocate_kv_cache(
+                mc.num_layers,
+                plan.num_physical_blocks,
+                config.block_size,
+                mc.num_kv_heads,
+                mc.head_dim,
+                self.model.dtype,
+            )
+            self.runner = ModelRunner(
+                self.backend,
+                self.model,
+                self.kv_caches,
+                config.block_size,
+                self.max_model_len,
+                config.max_num_seqs,
+                tokenizer=self.tokenizer,
+                use_graphs=config.use_graphs,
+                capture_sizes=config.capture_sizes,
+                eos_token_ids=self.eos_token_ids,
+            )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._seq_ids = itertools.count()
@@ -246,6 +259,9 @@ class LLMEngine:
         source = prompt.get("kv_source")
         if (hold or source is not None) and params.n != 1:
             raise ValueError("prefill/decode hand-off needs n = 1")
+        if (hold or source is not None) and self.config.tensor_parallel_size > 1:
+            # The KV lives in the workers, sharded by head; the hand-off reads the engine's cache.
+            raise ValueError("prefill/decode hand-off is not supported with tensor_parallel_size > 1")
         if source is not None:
             if not isinstance(source, KVSource):
                 raise ValueError("kv_source must be a KVSource")

@@ -90,6 +90,7 @@ class ModelRunner:
         use_graphs: bool = True,
         capture_sizes: list[int] | None = None,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        device_index: int = 0,  # a tensor-parallel rank's device
     ) -> None:
         self.backend = backend
         self.model = model
@@ -101,7 +102,7 @@ class ModelRunner:
         # Ids beyond the logits (a tokenizer's EOS outside a padded vocab) can never be sampled.
         self.eos_token_ids = sorted(t for t in eos_token_ids if 0 <= t < self.vocab_size)
         self.tokenizer = tokenizer
-        self.device = backend.device()
+        self.device = backend.device(device_index)
         self.scale = model.attention_scale
         self.sliding_window = model.sliding_window
         self._arange = torch.arange(max(max_num_seqs, 1) + 1, dtype=torch.int32, device=self.device)
@@ -154,8 +155,17 @@ class ModelRunner:
 
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
         """One engine step: host inputs -> forward pass -> sampled tokens and prompt logprobs."""
-        inputs = self._prepare_inputs(scheduled)
+        return self.execute_prepared(self._prepare_inputs(scheduled), scheduled)
+
+    def execute_prepared(
+        self, inputs: StepInputs, scheduled: list[ScheduledSequence], sample: bool = True
+    ) -> StepResult | None:
+        """`execute` after `_prepare_inputs`: a tensor-parallel worker gets `inputs` from the
+        driver. `sample=False` (the ranks other than 0) runs the forward pass only, whose
+        collectives every rank must join, and returns None."""
         logits, prompt_logits = self._forward(inputs)
+        if not sample:
+            return None
         sampled: list[SampledToken | None] = [None] * len(scheduled)
         if inputs.sampling_seqs:
             tokens = self._sample(logits, inputs.sampling_seqs)
@@ -169,31 +179,7 @@ class ModelRunner:
         return StepResult(sampled, prompt_logprobs)
 
     def _prepare_inputs(self, scheduled: list[ScheduledSequence]) -> StepInputs:
-        """Flattens the scheduled sequences' new tokens into host lists (no tensors yet)."""
-        bs = self.block_size
-        inputs = StepInputs()
-        input_ids, positions, slots = inputs.input_ids, inputs.positions, inputs.slot_mapping
-        query_start, seq_lens = inputs.query_start_loc, inputs.seq_lens
-        for idx, item in enumerate(scheduled):
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            table = seq.block_table
-            row0 = len(input_ids)
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(start + n)
-            inputs.block_tables.append(table)
-            if item.completes_context:
-                inputs.sample_rows.append(row0 + n - 1)
-                inputs.sample_indices.append(idx)
-                inputs.sampling_seqs.append(seq)
-            if seq.params.prompt_logprobs is not None and seq.index == 0:
-                rows = _prompt_logprob_rows(idx, seq, start, n, row0)
-                if rows is not None:
-                    inputs.prompt_lp_rows.append(rows)
-        return inputs
+        return prepare_inputs(scheduled, self.block_size)
 
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits of the sampled rows and of the prompt-logprob rows (None where there are none).
@@ -355,6 +341,34 @@ class ModelRunner:
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+
+def prepare_inputs(scheduled: list[ScheduledSequence], block_size: int) -> StepInputs:
+    """Flattens the scheduled sequences' new tokens into host lists (no tensors yet)."""
+    bs = block_size
+    inputs = StepInputs()
+    input_ids, positions, slots = inputs.input_ids, inputs.positions, inputs.slot_mapping
+    query_start, seq_lens = inputs.query_start_loc, inputs.seq_lens
+    for idx, item in enumerate(scheduled):
+        seq, n = item.seq, item.num_new_tokens
+        start = seq.num_computed_tokens
+        table = seq.block_table
+        row0 = len(input_ids)
+        input_ids.extend(seq.token_ids[start : start + n])
+        positions.extend(range(start, start + n))
+        slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        query_start.append(query_start[-1] + n)
+        seq_lens.append(start + n)
+        inputs.block_tables.append(table)
+        if item.completes_context:
+            inputs.sample_rows.append(row0 + n - 1)
+            inputs.sample_indices.append(idx)
+            inputs.sampling_seqs.append(seq)
+        if seq.params.prompt_logprobs is not None and seq.index == 0:
+            rows = _prompt_logprob_rows(idx, seq, start, n, row0)
+            if rows is not None:
+                inputs.prompt_lp_rows.append(rows)
+    return inputs
 
 
 def _prompt_logprob_rows(idx: int, seq: Sequence, start: int, n: int, row0: int) -> PromptLogprobRows | None:
