@@ -132,3 +132,18 @@ class XTensor(ABC):
 
     @abstractmethod
     def _release(self) -> None: ...
+
+
+def host_mem_info(meminfo_path: str = "/proc/meminfo") -> MemInfo:
+    """Available and total system memory from /proc/meminfo (values there are in KiB): the
+    `mem_info` of a backend whose buffers come from host memory."""
+    fields: dict[str, int] = {}
+    with open(meminfo_path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                fields[key] = int(parts[0]) * 1024
+    return MemInfo(
+        free_bytes=fields.get("MemAvailable", fields.get("MemFree", 0)), total_bytes=fields["MemTotal"]
+    )

@@ -222,7 +222,7 @@ class JaxBackend(Backend):
     # ------------------------------------------------------------------ memory
 
     def _mem_info(self, device_index: int) -> MemInfo:
-        from xllm_jax.memory import host_mem_info
+        from xllm.hal.memory import host_mem_info
 
         return host_mem_info()
 
@@ -268,6 +268,6 @@ class JaxBackend(Backend):
     # ------------------------------------------------------------------ comm
 
     def _create_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
-        from xllm_jax.comm import GlooCommunicator
+        from xllm.hal.gloo import GlooCommunicator
 
         return GlooCommunicator(rank, world_size, init_method)

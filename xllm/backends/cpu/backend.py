@@ -19,13 +19,13 @@ from typing import ClassVar
 import torch
 
 from xllm.backends.cpu import attention, linear, ops, quant_linear
-from xllm.backends.cpu.comm import GlooCommunicator
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
 from xllm.hal.comm import Communicator
+from xllm.hal.gloo import GlooCommunicator
 from xllm.hal.graphs import EagerGraphRunner, GraphInput, GraphRunner
-from xllm.hal.memory import MemInfo, XTensor
+from xllm.hal.memory import MemInfo, XTensor, host_mem_info
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
 from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
 
@@ -59,19 +59,6 @@ def native_cpu_dtypes(flags: frozenset[str]) -> tuple[torch.dtype, ...]:
     if flags & _FP16_FLAGS:
         native.append(torch.float16)
     return tuple(native)
-
-
-def read_meminfo() -> MemInfo:
-    """Available and total system memory from /proc/meminfo (values there are in KiB)."""
-    fields: dict[str, int] = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts:
-                fields[key] = int(parts[0]) * 1024
-    total = fields["MemTotal"]
-    return MemInfo(free_bytes=fields.get("MemAvailable", fields.get("MemFree", 0)), total_bytes=total)
 
 
 class CpuBackend(Backend):
@@ -181,7 +168,7 @@ class CpuBackend(Backend):
     # ------------------------------------------------------------------ memory
 
     def _mem_info(self, device_index: int) -> MemInfo:
-        return read_meminfo()
+        return host_mem_info()
 
     def _create_xtensor(self, num_pages: int, page_size_bytes: int | None, device_index: int) -> XTensor:
         return CpuXTensor(num_pages, page_size_bytes)

@@ -1,4 +1,6 @@
-"""Collectives of the CPU backend over torch.distributed's gloo backend.
+"""Host collectives over torch.distributed's gloo backend: the `Communicator` of any backend
+whose tensors live in host memory (the CPU reference, and out-of-tree ports such as the JAX
+plugin, which used to carry a copy: a backend may import the HAL, never another backend).
 
 One communicator owns the process's default process group: it is created on construction and
 destroyed by `close`. Used for tensor parallelism across CPU processes and as the reference the
