@@ -222,9 +222,13 @@ def test_shell_commands_are_real(pytestconfig):
                 build_parser().parse_args(words[1:])
             except SystemExit:
                 pytest.fail(f"`{line}` does not parse")
-        elif words[0] == "pytest":
-            assert set(words[words.index("-m") + 1].split()) <= markers | {"not", "and", "or"}, line
-            assert all((ROOT / w).exists() for w in words if w.startswith("tests/")), line
+        elif words[0] == "pytest" or words[:3] == ["python", "-m", "pytest"]:
+            if "-m" in words[1:] and words[0] == "pytest":
+                assert set(words[words.index("-m") + 1].split()) <= markers | {"not", "and", "or"}, line
+            paths = [w for w in words if w.startswith(("tests/", "plugins/"))]
+            assert all((ROOT / w).exists() for w in paths), line
+        elif words[:3] == ["pip", "install", "-e"] and not words[3].startswith("."):
+            assert (ROOT / words[3] / "pyproject.toml").exists(), line  # a package in the repository
         elif words[:3] == ["pip", "install", "-e"]:
             extra = re.fullmatch(r"\.\[(\w+)\]", words[3]).group(1)
             pinned = re.search(r"# ([\w-]+==[\w.]+)", line)
