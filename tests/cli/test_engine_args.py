@@ -39,6 +39,8 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     ),
     "tensor_parallel_size": (["--tensor-parallel-size", "2"], 2),
     "max_consecutive_step_failures": (["--max-consecutive-step-failures", "5"], 5),
+    "num_speculative_tokens": (["--num-speculative-tokens", "4"], 4),
+    "speculative_ngram_max": (["--speculative-ngram-max", "2"], 2),
 }
 
 

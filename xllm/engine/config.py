@@ -125,6 +125,18 @@ class EngineConfig(BaseModel):
         description="stop the engine (and exit `xllm serve` with status 1) after this many failed "
         "model steps in a row; an error the backend calls fatal stops it at once",
     )
+    # Speculative decoding by n-gram prompt lookup (no draft model): greedy requests verify up
+    # to this many guessed tokens per step in one forward pass; the output is unchanged.
+    num_speculative_tokens: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="speculative decoding: draft up to this many tokens per step by n-gram prompt "
+        "lookup and verify them in one pass (greedy requests; 0: off)",
+    )
+    speculative_ngram_max: int = Field(
+        3, ge=1, le=16, description="longest n-gram the prompt lookup matches (it tries down to 1)"
+    )
 
     @field_validator("backend", mode="before")
     @classmethod

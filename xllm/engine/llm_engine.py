@@ -29,11 +29,13 @@ from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import ScheduledSequence, Scheduler
 from xllm.engine.sequence import Request, Sequence, SequenceStatus
+from xllm.engine.spec_decode import can_speculate, propose_ngram
 from xllm.hal import Backend, get_backend
 
 logger = logging.getLogger("xllm.engine")
 
 _SEED_BITS = 63
+MAX_SPEC_BACKOFF = 64  # output tokens a sequence goes without guesses after misses in a row
 
 PromptInput = str | list[int] | dict
 
@@ -50,6 +52,8 @@ class EngineStats:
     num_preemptions: int
     num_failed_steps: int = 0  # model steps that raised, over the engine's life
     kv_transfer: HandoffStats | None = None  # prefill/decode hand-off counters
+    spec_draft_tokens: int = 0  # speculative decoding: guessed tokens verified
+    spec_accepted_tokens: int = 0  # and kept
 
     @property
     def kv_cache_usage(self) -> float:
@@ -139,6 +143,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.spec_draft_tokens = 0  # speculative decoding: guesses verified, and kept
+        self.spec_accepted_tokens = 0
         self.faults = StepFaults(config.max_consecutive_step_failures)  # see step()
         # Prefill/decode hand-off; its transfer engine (a listening socket) starts on first use.
         self.handoff = KVHandoff(self.backend, self.kv_cache, lambda: self.kv_caches)
@@ -380,7 +386,10 @@ class LLMEngine:
         self.faults.check_alive()
         if self.handoff.has_work() or self._received:
             self._admit_received()
+        drafted = self._draft_tokens() if self.config.num_speculative_tokens else []
         sched = self.scheduler.schedule()
+        if drafted:
+            self._fit_drafts(drafted, sched.scheduled)
         if sched.is_empty:
             if self.handoff.receiving:  # only transfers to wait for: do not spin
                 self.handoff.wait(0.005)
@@ -399,11 +408,16 @@ class LLMEngine:
         self.faults.record_success()
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for item, sampled, prompt_lp in zip(
-            sched.scheduled, result.sampled, result.prompt_logprobs, strict=True
+        verified = result.verified or [None] * len(sched.scheduled)
+        for item, sampled, prompt_lp, checked in zip(
+            sched.scheduled, result.sampled, result.prompt_logprobs, verified, strict=True
         ):
             seq = item.seq
             request = seq.request
+            if checked is not None:
+                self._accept_drafts(seq, checked, now)
+                touched[request.request_id] = request
+                continue
             seq.num_computed_tokens += item.num_new_tokens
             self.kv_cache.commit_computed_blocks(seq)
             if prompt_lp is not None:
@@ -420,6 +434,65 @@ class LLMEngine:
             if r.is_finished:
                 self.requests.pop(r.request_id, None)
         return outputs
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def _draft_tokens(self) -> list[Sequence]:
+        """Appends n-gram guesses to the running greedy sequences (see `spec_decode`)."""
+        k = self.config.num_speculative_tokens
+        drafted: list[Sequence] = []
+        # Guesses must never cost another request its blocks (a preemption): only with room.
+        if self.kv_cache.num_free_blocks < 2 * self.scheduler.num_running:
+            return drafted
+        for seq in self.scheduler.running:
+            if seq.status is not SequenceStatus.RUNNING or not can_speculate(seq):
+                continue
+            if seq.num_output_tokens < seq.spec_resume_at:
+                continue
+            # Never guess past what the request may still produce: max_tokens and the context.
+            room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            draft = propose_ngram(seq.token_ids, min(k, room), self.config.speculative_ngram_max)
+            if draft:
+                seq.token_ids += draft
+                seq.num_draft = len(draft)
+                drafted.append(seq)
+        return drafted
+
+    def _fit_drafts(self, drafted: list[Sequence], scheduled: list[ScheduledSequence]) -> None:
+        """Takes back the guesses the scheduler gave no room: all of them for a sequence it did not
+        schedule (or preempted), the tail that its token budget cut off for one it did."""
+        budget = {id(item.seq): item.num_new_tokens for item in scheduled}
+        for seq in drafted:
+            n = budget.get(id(seq))
+            cut = seq.num_draft if n is None else seq.num_draft - min(seq.num_draft, n - 1)
+            if cut:
+                del seq.token_ids[len(seq.token_ids) - cut :]
+                seq.num_draft -= cut
+        self.spec_draft_tokens += sum(seq.num_draft for seq in drafted)
+
+    def _accept_drafts(self, seq: Sequence, checked: list[SampledToken], now: float) -> None:
+        """Keeps the guesses greedy decoding agrees with, then the model's own next token.
+
+        `checked[i]` is the token sampled after row i of the step (row 0: the last real token).
+        The KV of the kept guesses is valid; that of the others is overwritten later."""
+        drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft :]
+        del seq.token_ids[len(seq.token_ids) - seq.num_draft :]
+        seq.num_draft = 0
+        kept = 0
+        while kept < len(drafts) and checked[kept].token_id == drafts[kept]:
+            kept += 1
+        self.spec_accepted_tokens += kept
+        if kept:
+            seq.spec_backoff = 0
+        else:
+            seq.spec_backoff = min(2 * seq.spec_backoff or 1, MAX_SPEC_BACKOFF)
+            seq.spec_resume_at = seq.num_output_tokens + 1 + seq.spec_backoff
+        seq.num_computed_tokens = seq.num_tokens + kept  # the last real token and the kept guesses
+        for token in checked[: kept + 1]:
+            self._append_token(seq, token, now)
+            if seq.is_finished:
+                return
+        self.kv_cache.commit_computed_blocks(seq)
 
     def _admit_received(self) -> None:
         """Sequences whose prompt KV arrived run from their first decode; those whose transfer
@@ -564,6 +637,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_failed_steps=self.faults.total,
             kv_transfer=self.handoff.snapshot(),
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )
 
     def cached_block_digests(self, limit: int) -> list[bytes]:

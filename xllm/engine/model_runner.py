@@ -40,6 +40,9 @@ class StepResult:
     sampled: list[SampledToken | None]
     # Prompt logprobs computed this step, per scheduled sequence (None when not requested).
     prompt_logprobs: list[list[dict[int, Logprob] | None] | None]
+    # Speculative decoding: per scheduled sequence with draft tokens, the token sampled after
+    # each of its rows (its last real token, then each draft); None for the others.
+    verified: list[list[SampledToken] | None] = field(default_factory=list)
 
 
 # One sequence's prompt-logprob rows this step: (scheduled index, flat token rows, the prompt
@@ -66,6 +69,8 @@ class StepInputs:
     sample_indices: list[int] = field(default_factory=list)  # scheduled index of each sampled sequence
     sampling_seqs: list[Sequence] = field(default_factory=list)
     prompt_lp_rows: list[PromptLogprobRows] = field(default_factory=list)
+    # Sequences verifying draft tokens: (scheduled index, every row of its chunk).
+    verify_rows: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -163,7 +168,7 @@ class ModelRunner:
         """`execute` after `_prepare_inputs`: a tensor-parallel worker gets `inputs` from the
         driver. `sample=False` (the ranks other than 0) runs the forward pass only, whose
         collectives every rank must join, and returns None."""
-        logits, prompt_logits = self._forward(inputs)
+        logits, prompt_logits, verify_logits = self._forward(inputs)
         if not sample:
             return None
         sampled: list[SampledToken | None] = [None] * len(scheduled)
@@ -176,13 +181,24 @@ class ModelRunner:
             prompt_logprobs = self._prompt_logprobs(
                 scheduled, inputs.prompt_lp_rows, prompt_logits, prompt_logprobs
             )
-        return StepResult(sampled, prompt_logprobs)
+        verified: list[list[SampledToken] | None] = [None] * len(scheduled)
+        offset = 0
+        for idx, rows in inputs.verify_rows:
+            # Each row through the ordinary sampler, so a kept token is exactly what decoding
+            # one token at a time would have sampled there.
+            seq = scheduled[idx].seq
+            verified[idx] = self._sample(verify_logits[offset : offset + len(rows)], [seq] * len(rows))
+            offset += len(rows)
+        return StepResult(sampled, prompt_logprobs, verified)
 
     def _prepare_inputs(self, scheduled: list[ScheduledSequence]) -> StepInputs:
         return prepare_inputs(scheduled, self.block_size)
 
-    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits of the sampled rows and of the prompt-logprob rows (None where there are none).
+    def _forward(
+        self, inputs: StepInputs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Logits of the sampled rows, of the prompt-logprob rows and of the rows verifying draft
+        tokens (None where there are none).
 
         Decode-only steps replay the bucket's graph; any other step (prefill chunks, a batch past
         the largest bucket, prompt logprobs, which need every row's logits) runs eagerly.
@@ -194,7 +210,7 @@ class ModelRunner:
             and runner.bucket_for(inputs.num_seqs) is not None
             and not inputs.prompt_lp_rows
         ):
-            return self._replay_decode(inputs), None
+            return self._replay_decode(inputs), None, None
         return self._forward_eager(inputs)
 
     def _replay_decode(self, inputs: StepInputs) -> torch.Tensor:
@@ -210,7 +226,9 @@ class ModelRunner:
             logits = logits[torch.tensor(inputs.sample_rows, device=self.device)]
         return logits
 
-    def _forward_eager(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _forward_eager(
+        self, inputs: StepInputs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         hidden = self.model.forward(
             self._tensor(inputs.input_ids, torch.int64),
             self._tensor(inputs.positions, torch.int64),
@@ -224,7 +242,11 @@ class ModelRunner:
             rows = [r for _, rs, _, _ in inputs.prompt_lp_rows for r in rs]
             if rows:
                 prompt_logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
-        return logits, prompt_logits
+        verify_logits = None
+        if inputs.verify_rows:
+            rows = [r for _, rs in inputs.verify_rows for r in rs]
+            verify_logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
+        return logits, prompt_logits, verify_logits
 
     def _eager_metadata(self, inputs: StepInputs) -> AttentionMetadata:
         """Attention metadata of an eager step, with the host copies of its lengths."""
@@ -360,7 +382,9 @@ def prepare_inputs(scheduled: list[ScheduledSequence], block_size: int) -> StepI
         query_start.append(query_start[-1] + n)
         seq_lens.append(start + n)
         inputs.block_tables.append(table)
-        if item.completes_context:
+        if seq.num_draft and item.completes_context:
+            inputs.verify_rows.append((idx, list(range(row0, row0 + n))))
+        elif item.completes_context:
             inputs.sample_rows.append(row0 + n - 1)
             inputs.sample_indices.append(idx)
             inputs.sampling_seqs.append(seq)

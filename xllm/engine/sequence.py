@@ -47,6 +47,13 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     detokenizer: object | None = None  # IncrementalDetokenizer, set by the engine
+    # Guessed tokens at the end of `token_ids` for this step's verification (speculative
+    # decoding); removed again before the step's results are applied.
+    num_draft: int = 0
+    # Guessing pauses after guesses that all missed (until this many output tokens), for longer
+    # each time in a row: text that does not repeat costs a verification step for nothing.
+    spec_resume_at: int = 0
+    spec_backoff: int = 0
 
     @property
     def num_tokens(self) -> int:
