@@ -356,9 +356,35 @@ def run(args: argparse.Namespace) -> int:
     # prompt shares no prefix-cache block with the measured ones.
     warm = Workload("warm-up", [workload.prompts[0][::-1], workload.prompts[-1][::-1]], [4, 4])
     run_xllm(llm, warm)
+    spec_line = None
+    engine = llm.engine
+    if engine.config.num_speculative_tokens:
+        drafted, kept = engine.spec_draft_tokens, engine.spec_accepted_tokens
     xr = run_xllm(llm, workload)
     xr.note = f"{json_report['backend']} backend, one LLM.generate"
     report.rows.append(PeerRow("xllm", xr))
+    if engine.config.num_speculative_tokens:
+        # The same engine without guesses, same prompts: the speed-up is speculation's alone.
+        drafted, kept = engine.spec_draft_tokens - drafted, engine.spec_accepted_tokens - kept
+        k = engine.config.num_speculative_tokens
+        engine.config.num_speculative_tokens = 0
+        plain = run_xllm(llm, workload)
+        engine.config.num_speculative_tokens = k
+        same = agreement(plain.token_ids, xr.token_ids)
+        speedup = plain.elapsed_s / xr.elapsed_s if xr.elapsed_s else float("nan")
+        json_report["speculative"] = {
+            "num_speculative_tokens": k,
+            "drafted": drafted,
+            "kept": kept,
+            "acceptance_rate": kept / drafted if drafted else 0.0,
+            "speedup": speedup,
+            "same_output": same,
+        }
+        spec_line = (
+            f"speculative decoding (n-gram, k={k}): {kept}/{drafted} guesses kept "
+            f"({100 * kept / max(drafted, 1):.1f}%), {speedup:.2f}x the same engine without it "
+            f"({plain.output_tokens_per_s:.1f} tok/s), output identical for {same}"
+        )
 
     if not args.skip_decode_floor:
         weight_bytes = model_weight_bytes(llm.engine.model)
@@ -393,6 +419,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if decode_line:
         print(decode_line)
+    if spec_line:
+        print(spec_line)
     return _finish(args, json_report, report, workload)
 
 

@@ -27,12 +27,17 @@ class WorkloadSpec:
     output_len: tuple[int, int]
     description: str
     startup: bool = False
+    motif: int = 0  # > 0: each prompt is a random motif of this many tokens, repeated to length
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     "decode1": WorkloadSpec("decode1", 1, (32, 32), (64, 64), "batch-1 decode (32 in, 64 out)"),
     "batch64": WorkloadSpec("batch64", 64, (64, 64), (64, 64), "64 x (64 in, 64 out)"),
     "ragged64": WorkloadSpec("ragged64", 64, (32, 256), (16, 256), "64 ragged (in 32-256, out 16-256)"),
+    # Speculative decoding's case: text that repeats itself, for n-gram prompt lookup to find.
+    "repetitive": WorkloadSpec(
+        "repetitive", 4, (96, 96), (128, 128), "4 x (96 in: a 12-token motif repeated, 128 out)", motif=12
+    ),
     "startup": WorkloadSpec(
         "startup", 1, (8, 8), (1, 1), "process start to first token (fresh process)", startup=True
     ),
@@ -93,6 +98,10 @@ def make_workload(spec: WorkloadSpec, vocab_size: int, seed: int = 0, avoid: Ite
         # Lengths first, then ids, per prompt: adding prompts does not change the earlier ones.
         n_in = rng.randint(*spec.input_len)
         n_out = rng.randint(*spec.output_len)
-        prompts.append([rng.choice(ids) for _ in range(n_in)])
+        if spec.motif:
+            motif = [rng.choice(ids) for _ in range(spec.motif)]
+            prompts.append([motif[i % spec.motif] for i in range(n_in)])
+        else:
+            prompts.append([rng.choice(ids) for _ in range(n_in)])
         outputs.append(n_out)
     return Workload(spec.name, prompts, outputs, spec.description, spec.startup)
