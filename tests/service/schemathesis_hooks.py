@@ -6,7 +6,11 @@ for positive data (a generated request that breaks one is not "schema-valid" in 
 
 - Rules between fields, stated in the fields' descriptions: `best_of` equals `n`;
   `top_logprobs` above 0 needs `logprobs: true`; `min_tokens` is at most the request's
-  max_tokens. `filter_case` drops the positive cases that break one.
+  max_tokens; the cluster extensions `resume` and `kv_transfer_params` (n = 1, one prompt, the
+  tokens resumed leave room under max_tokens and do not already end the request, a decode part
+  carries its prefill's token in `resume`). `filter_case` drops the positive cases that break
+  one (for the two extensions: any case that sets them, whose rules depend on the tokenizer and
+  the model's stop tokens).
 - The context length: a prompt's token count depends on the tokenizer, so a schema-valid request
   can overflow the context. The server refuses that with OpenAI's 400 `context_length_exceeded`
   (on /v1/messages, Anthropic's 400 with the same message), which `filter_failure` accepts; any
@@ -35,9 +39,20 @@ def _int(body: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def uses_cluster_extension(body: dict[str, Any]) -> bool:
+    """`resume` or an active `kv_transfer_params`: requests the cluster router makes."""
+    kv = body.get("kv_transfer_params")
+    active_kv = isinstance(kv, dict) and (
+        kv.get("do_remote_decode") is True or kv.get("do_remote_prefill") is True
+    )
+    return body.get("resume") is not None or active_kv
+
+
 def breaks_cross_field_rule(path: str, body: Any) -> bool:
     if not isinstance(body, dict):
         return False
+    if path in ("/v1/completions", "/v1/chat/completions") and uses_cluster_extension(body):
+        return True
     if path == "/v1/completions":
         best_of, n = _int(body, "best_of"), _int(body, "n")
         if best_of is not None and best_of != (1 if n is None else n):

@@ -179,7 +179,12 @@ class SamplingFields(OpenAIRequestModel):
     # (answered whole, its prompt KV held for a decode instance); {"do_remote_prefill": true,
     # "remote_url": URL, "transfer_id": ID} with `resume` holding the prefill's token: this is
     # the decode part, whose prompt KV comes from that instance. The router sets both.
-    kv_transfer_params: KVTransferParams | None = None
+    kv_transfer_params: KVTransferParams | None = Field(
+        None,
+        description="Prefill/decode hand-off (set by the cluster router): do_remote_decode for a "
+        "prefill part (stream false), or do_remote_prefill with remote_url, transfer_id and the "
+        "prefill's token in `resume`; n = 1 and one prompt.",
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
