@@ -473,6 +473,11 @@ async def test_metrics_exposition(client: httpx.AsyncClient, shared_engine: Asyn
         "xllm:e2e_request_latency_seconds_count",
         "xllm:kv_cache_blocks_used",
         "xllm:kv_cache_blocks_total",
+        "xllm:spec_decode_num_draft_tokens_total",
+        "xllm:spec_decode_num_accepted_tokens_total",
+        'xllm:kv_transfers_total{direction="sent"',
+        "xllm:kv_transfer_receive_seconds_bucket",
+        "xllm:kv_holds",
     ):
         assert name in text, name
     after = shared_engine.stats().generation_tokens_total

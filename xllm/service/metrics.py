@@ -144,6 +144,16 @@ class EngineStatsCollector(Collector):
             "Model steps that raised (their requests failed; a run of them stops the engine).",
             s.num_failed_steps,
         )
+        yield counter(
+            "xllm:spec_decode_num_draft_tokens",
+            "Speculative decoding: guessed tokens verified.",
+            s.spec_draft_tokens,
+        )
+        yield counter(
+            "xllm:spec_decode_num_accepted_tokens",
+            "Speculative decoding: guessed tokens kept.",
+            s.spec_accepted_tokens,
+        )
         yield from self._kv_transfer(s.kv_transfer, labels, values)
         # 1 once the engine has stopped for good (a device fault or too many failed steps in a
         # row): /health answers 503 and `xllm serve` is about to exit with status 1.
