@@ -81,3 +81,19 @@ def test_can_speculate_only_plain_greedy(make_llm) -> None:
         assert can_speculate(seq) is expected, params
         seq.num_computed_tokens = 0
         engine.abort_request("r")
+
+
+@pytest.mark.slow
+def test_speculation_under_tensor_parallelism_keeps_greedy_output(tiny_llama_dir) -> None:
+    from xllm import LLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = _prompts(4)
+    plain = LLM(str(tiny_llama_dir), dtype="float32").generate(prompts, params, use_tqdm=False)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_speculative_tokens=4)
+    try:
+        spec = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+        assert llm.engine.stats().spec_draft_tokens > 0
+    finally:
+        llm.engine.model.close()  # the TP executor's workers
