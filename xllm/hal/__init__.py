@@ -36,7 +36,7 @@ from xllm.hal.registry import (
     unregister_backend,
 )
 from xllm.hal.sampling_ops import mask_banned_tokens
-from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
+from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream, SyncStreams
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -66,6 +66,7 @@ __all__ = [
     "Stream",
     "SyncEvent",
     "SyncStream",
+    "SyncStreams",
     "TransferEngineState",
     "TransferStats",
     "UnknownBackendError",

@@ -92,3 +92,21 @@ class SyncEvent(Event):
         if self._time_s is None or end._time_s is None:
             raise RuntimeError("both events must be recorded before elapsed_time_ms")
         return (end._time_s - self._time_s) * 1000.0
+
+
+class SyncStreams:
+    """The stream bookkeeping of a backend whose ops finish before they return (the CPU
+    reference, host-memory ports): a per-thread stack of entered streams and a default stream
+    for a thread that entered none. The backend's `create_stream` and `current_stream` are
+    `create()` and `current()`."""
+
+    def __init__(self) -> None:
+        self._stack = threading.local()
+        self.default = SyncStream(self._stack)
+
+    def create(self) -> SyncStream:
+        return SyncStream(self._stack)
+
+    def current(self) -> Stream:
+        streams = getattr(self._stack, "streams", None)
+        return streams[-1] if streams else self.default

@@ -15,7 +15,6 @@ registered backend's module to probe it, on machines without jax too.
 from __future__ import annotations
 
 import importlib.util
-import threading
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -25,7 +24,7 @@ from xllm.hal.comm import Communicator
 from xllm.hal.graphs import EagerGraphRunner, GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
-from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
+from xllm.hal.streams import Event, Stream, SyncEvent, SyncStreams
 
 
 def probe_reason() -> str | None:
@@ -67,8 +66,7 @@ class JaxBackend(Backend):
         self._cache = cache
         self._kernels = kernels
         self._sampling = sampling
-        self._stream_stack = threading.local()
-        self._default_stream = SyncStream(self._stream_stack)
+        self._streams = SyncStreams()
 
     # ------------------------------------------------------------------ identity
 
@@ -251,14 +249,13 @@ class JaxBackend(Backend):
     # ------------------------------------------------------------------ streams
 
     def create_stream(self, device_index: int = 0) -> Stream:
-        return SyncStream(self._stream_stack)
+        return self._streams.create()
 
     def create_event(self, enable_timing: bool = False) -> Event:
         return SyncEvent(enable_timing)
 
     def current_stream(self, device_index: int = 0) -> Stream:
-        streams = getattr(self._stream_stack, "streams", None)
-        return streams[-1] if streams else self._default_stream
+        return self._streams.current()
 
     def synchronize(self, device_index: int = 0) -> None:
         # JAX dispatches asynchronously, but every op here waits for its result before handing

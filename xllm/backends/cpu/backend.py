@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -27,7 +26,7 @@ from xllm.hal.gloo import GlooCommunicator
 from xllm.hal.graphs import EagerGraphRunner, GraphInput, GraphRunner
 from xllm.hal.memory import MemInfo, XTensor, host_mem_info
 from xllm.hal.metadata import AttentionMetadata, SampleOutput, SamplingMetadata
-from xllm.hal.streams import Event, Stream, SyncEvent, SyncStream
+from xllm.hal.streams import Event, Stream, SyncEvent, SyncStreams
 
 # ISA flags (as /proc/cpuinfo names them) that give bfloat16 / float16 arithmetic in hardware:
 # x86 AVX512-BF16 or AMX-BF16, AVX512-FP16 or AMX-FP16; Arm's BF16 and half-precision SIMD.
@@ -82,8 +81,7 @@ class CpuBackend(Backend):
         )
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self._stream_stack = threading.local()
-        self._default_stream = SyncStream(self._stream_stack)
+        self._streams = SyncStreams()
 
     # ------------------------------------------------------------------ identity
 
@@ -188,14 +186,13 @@ class CpuBackend(Backend):
     # ------------------------------------------------------------------ streams
 
     def create_stream(self, device_index: int = 0) -> Stream:
-        return SyncStream(self._stream_stack)
+        return self._streams.create()
 
     def create_event(self, enable_timing: bool = False) -> Event:
         return SyncEvent(enable_timing)
 
     def current_stream(self, device_index: int = 0) -> Stream:
-        streams = getattr(self._stream_stack, "streams", None)
-        return streams[-1] if streams else self._default_stream
+        return self._streams.current()
 
     def synchronize(self, device_index: int = 0) -> None:
         pass  # CPU ops complete before they return
