@@ -39,6 +39,15 @@ from xllm.bench.serve import (
 )
 
 
+async def _drive_online(
+    target: Target, args: argparse.Namespace, prompts: list[str], rng: random.Random
+) -> tuple[list[RequestResult], float]:
+    """The run's online requests, at the command line's rate and concurrency (no progress bar)."""
+    return await drive(
+        target, prompts, args.output_len, args.input_len, args.request_rate, args.max_concurrency, rng, False
+    )
+
+
 def _online_row(
     name: str, results: list[RequestResult], duration: float, slo: dict[str, float]
 ) -> dict[str, Any]:
@@ -104,16 +113,7 @@ async def run_mixed(args: argparse.Namespace) -> dict[str, Any]:
             if offline_priority is not None:
                 flood = asyncio.create_task(_offline_flood(target, args, offline_priority, stop, offline))
                 await asyncio.sleep(1.0)  # let the flood fill the instances first
-            results, duration = await drive(
-                target,
-                prompts,
-                args.output_len,
-                args.input_len,
-                args.request_rate,
-                args.max_concurrency,
-                rng,
-                False,
-            )
+            results, duration = await _drive_online(target, args, prompts, rng)
             stop.set()
             if flood is not None:
                 await flood
@@ -155,16 +155,7 @@ async def run_shared_prefix(args: argparse.Namespace) -> dict[str, Any]:
                 await _set_policy(target, policy)
             rng = random.Random(args.seed + 104729 * (run_index + 1))  # new prefixes: cold caches
             prompts = _shared_prefix_prompts(args, rng, tokenizer)
-            results, duration = await drive(
-                target,
-                prompts,
-                args.output_len,
-                args.input_len,
-                args.request_rate,
-                args.max_concurrency,
-                rng,
-                False,
-            )
+            results, duration = await _drive_online(target, args, prompts, rng)
             row = _online_row(policy or "as configured", results, duration, slo)
             ok = [r for r in results if r.success]
             prompt_tokens = sum(r.prompt_len for r in ok)
@@ -206,16 +197,7 @@ async def run_pd(args: argparse.Namespace) -> dict[str, Any]:
                     await _set_roles(target, {i: "mixed" for i in split})
                 rng = random.Random(args.seed + 7 * run_index)  # fresh prompts: no cache carried over
                 prompts = [random_prompt(rng, args.input_len, tokenizer) for _ in range(args.num_prompts)]
-                results, duration = await drive(
-                    target,
-                    prompts,
-                    args.output_len,
-                    args.input_len,
-                    args.request_rate,
-                    args.max_concurrency,
-                    rng,
-                    False,
-                )
+                results, duration = await _drive_online(target, args, prompts, rng)
                 m = compute_metrics(results, duration, slo)
                 rows.append({"run": name, **m})
         finally:
