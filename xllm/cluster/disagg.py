@@ -152,6 +152,8 @@ async def forward_pd(
         return fallback(state, upstream, "no prefill instance could take it")
     resp, prefill = placed
     upstream.count(prefill, -1)
+    # It answered: should the decode part find no instance, it may still serve the request whole.
+    upstream.tried.discard(prefill.info.id)
     if resp.status_code != 200:
         if 400 <= resp.status_code < 500:  # the request's own fault: every instance would say so
             return Response(resp.content, status_code=resp.status_code, headers=passed_headers(resp))
