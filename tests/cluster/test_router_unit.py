@@ -37,6 +37,10 @@ def fake_instance(
         if status != 200:
             error = {"message": f"{name} is draining", "type": "x", "param": None, "code": "draining"}
             return JSONResponse({"error": error}, status_code=status, headers={"Retry-After": "5"})
+        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):  # a PD prefill part
+            choice = {"index": 0, "text": "Hel", "token_ids": [1], "finish_reason": "length"}
+            answer = {"id": f"cmpl-{name}", "created": 1, "model": "m", "choices": [choice]}
+            return JSONResponse(answer | {"kv_transfer_params": {"transfer_id": "t1"}})
         if body.get("stream"):
 
             async def events():
@@ -59,12 +63,14 @@ def setup():
     registry = MemoryRegistry()
     servers: list[AppServer] = []
 
-    def add(name: str, url: str | None = None, age_s: float = 0.0, **kwargs) -> None:
+    def add(
+        name: str, url: str | None = None, age_s: float = 0.0, role: Role = Role.MIXED, **kwargs
+    ) -> None:
         if url is None:
             server = AppServer(fake_instance(name, **kwargs))
             servers.append(server)
             url = server.url
-        info = InstanceInfo(name, Role.MIXED, url, "m", "cpu", 8, 16)
+        info = InstanceInfo(name, role, url, "m", "cpu", 8, 16)
         asyncio.run(registry.register(info))
         asyncio.run(registry.publish_load(name, InstanceLoad(updated_at=time.time() - age_s)))
 
@@ -262,3 +268,18 @@ def test_priority_header_reaches_the_instance(setup):
         f"{r.url}/v1/completions", json={"prompt": "hi"}, headers={"X-Priority": "high"}, timeout=10
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+
+
+def test_a_pd_split_whose_decode_part_finds_no_instance_is_served_whole_without_a_repeat(setup):
+    add, router = setup
+    seen_p: list[dict] = []
+    add("p", role=Role.PREFILL, seen=seen_p)
+    add("d", role=Role.DECODE, status=503)  # e.g. being switched to prefill: refuses the decode part
+    r = router("round_robin")
+    events = stream_events(r.url, return_token_ids=True, max_tokens=5)
+    # The prefill instance answered its part, then served the request whole: the client's stream
+    # is that whole stream, the first token once.
+    assert [e["choices"][0]["token_ids"] for e in events[:-1]] == [[1, 2], [3]] and events[-1] == "[DONE]"
+    assert seen_p[0]["kv_transfer_params"] == {"do_remote_decode": True}
+    assert "resume" not in seen_p[1] and "kv_transfer_params" not in seen_p[1]
+    wait_for_metric(r.url, "xllm:router_pd_fallbacks_total 1.0")

@@ -176,13 +176,14 @@ async def forward_pd(
             )
         return Response(json.dumps(answer), headers={**headers, INSTANCE_HEADER: prefill.info.id})
     decode_body = decode_request(payload, first_ids, prefill.info.url, kv["transfer_id"])
-    progress.prior = {"token_ids": first_ids, "text_offset": 0}
-    progress.lead_ids = list(first_ids)
     placed = await upstream.place(
         json.dumps(decode_body).encode(), role=Role.DECODE, choose=policies.least_loaded
     )
     if placed is None:  # the prefill's hold expires by itself
         return fallback(state, upstream, "no decode instance could take it")
+    # Only now is the first token part of the client's stream: a fallback streams it again.
+    progress.prior = {"token_ids": first_ids, "text_offset": 0}
+    progress.lead_ids = list(first_ids)
     resp, decode = placed
     state.metrics.pd_requests.labels(prefill.info.id, decode.info.id).inc()
     logger.info("%s -> prefill %s, decode %s", upstream.request.url.path, prefill.info.id, decode.info.id)
