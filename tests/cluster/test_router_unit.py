@@ -63,9 +63,7 @@ def setup():
     registry = MemoryRegistry()
     servers: list[AppServer] = []
 
-    def add(
-        name: str, url: str | None = None, age_s: float = 0.0, role: Role = Role.MIXED, **kwargs
-    ) -> None:
+    def add(name: str, url: str | None = None, age_s: float = 0.0, role: Role = Role.MIXED, **kwargs) -> None:
         if url is None:
             server = AppServer(fake_instance(name, **kwargs))
             servers.append(server)

@@ -13,6 +13,7 @@ the client gets a 503. Admin routes: `/cluster/instances` (the view), `.../{id}/
 placements), `.../{id}/role` (a live role switch; `slo.py` makes them on its own), and
 `/cluster/policy`.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -265,9 +265,7 @@ class KVHandoff:
             future = self.transfer.expect(
                 tid, self._kv_caches(), dst, tokens, timeout_s=self.receive_timeout_s
             )
-            ask = self._executor().submit(
-                source.request_send, self.transfer.address, first_block, tokens
-            )
+            ask = self._executor().submit(source.request_send, self.transfer.address, first_block, tokens)
             ask.add_done_callback(lambda f: self._asked(f, tid, source))
         self.receiving[seq.request.request_id] = Receiving(
             seq, tid, source, future, time.monotonic(), len(seq.block_table), tokens
