@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xllm.backends.cpu import quant_linear
+from xllm.backends.cpu import cbuild, quant_linear
 from xllm.backends.cpu.backend import CpuBackend
 from xllm.hal.backend import INT8_GROUP_SIZE, Backend, dequantize_int8, quantize_int8
 from xllm.hal.conformance import NumpyReference, Status, build_cases, run_suite
@@ -86,7 +86,7 @@ def test_every_simd_variant_of_the_kernel_matches_the_reference(
 ) -> None:
     """The kernel source has an AVX-512, an AVX2/FMA and a plain C body; the host picks one, so
     the others are built here with the wider ISAs switched off (a no-op on hosts without them)."""
-    monkeypatch.setattr(quant_linear, "_FLAGS", quant_linear._FLAGS + isa_flags)
+    monkeypatch.setattr(cbuild, "BASE_FLAGS", cbuild.BASE_FLAGS + isa_flags)
     quant_linear._library.cache_clear()
     try:
         if not quant_linear.available():

@@ -17,10 +17,9 @@ products: blocks of weight rows are then dequantised by the kernel into a reused
 stays in cache and multiplied there by ``torch.mm``, so the float32 matrix never exists whole
 (measured level with float32 from 32 to 256 rows).
 
-The C source is compiled once per machine (``-march=native``) with the system's C compiler into
-``$XDG_CACHE_HOME/xllm/kernels`` (under a second); where there is no compiler or the build
-fails, `linear_int8` returns None and the backend falls back to the HAL's dequantising reference
-(so does ``XLLM_CPU_INT8_KERNEL=0``). The kernel accumulates in float32 like the reference, in
+The C source is compiled once per machine by `cbuild` (under a second); where there is no
+compiler or the build fails, `linear_int8` returns None and the backend falls back to the HAL's
+dequantising reference (so does ``XLLM_CPU_INT8_KERNEL=0``). The kernel accumulates in float32 like the reference, in
 another order; the conformance suite's ``linear_int8`` cases compare the two. A ctypes call is
 opaque to ``torch.compile`` (a graph break), like any foreign kernel.
 """
@@ -29,18 +28,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("xllm.backends.cpu")
+from xllm.backends.cpu import cbuild
 
 # Rows of x up to which the direct kernel runs. Measured on the 48 projections of a decode step
 # of the 100M-parameter Llama (12 layers, weights cold in cache: 340 MB float32, 96 MB int8), 2
@@ -191,51 +184,14 @@ void xllm_q8_dequant(const int8_t* q, const float* s, float* w, int64_t R, int64
 }
 """
 
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "xllm" / "kernels"
-
-
-def _host_key() -> str:
-    from xllm.backends.cpu.backend import cpu_flags
-
-    # -march=native code is only valid on CPUs with the same features.
-    return " ".join(sorted(cpu_flags()))
-
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None (logged once) if it cannot be built."""
     if os.environ.get("XLLM_CPU_INT8_KERNEL", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: int8 linear layers use the slower dequantising path")
-        return None
-    key = hashlib.sha256("\n".join((_SOURCE, compiler, *_FLAGS, _host_key())).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"q8_linear_{key}.so"
-    try:
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src = Path(tmp) / "q8_linear.c"
-                src.write_text(_SOURCE)
-                built = Path(tmp) / target.name
-                subprocess.run(
-                    [compiler, *_FLAGS, str(src), "-o", str(built)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                os.replace(built, target)  # atomic: concurrent builders each install a whole file
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        logger.warning("cannot build the int8 linear kernel (%s): using the dequantising path", detail)
+    lib = cbuild.load("q8_linear", _SOURCE, what="int8 linear layers use the slower dequantising path")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.xllm_q8_linear.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
