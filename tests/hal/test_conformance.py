@@ -360,10 +360,25 @@ def test_cli_cuda_without_interpret_is_unavailable_here(capsys) -> None:
     assert "xllm conformance: error:" in capsys.readouterr().err
 
 
-def test_cli_refuses_backend_against_itself(capsys) -> None:
-    # Comparing the CPU backend with itself would pass trivially and prove nothing.
+def test_cli_refuses_backend_against_itself(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without its fused kernels, the CPU backend against its plain ops would compare a thing with
+    # itself: that passes trivially and proves nothing.
+    from xllm.backends.cpu import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
     assert xllm(["conformance", "--backend", "cpu", "--against", "cpu"]) == 2
     assert "itself" in capsys.readouterr().err
+
+
+def test_cli_checks_the_cpu_kernels_against_the_plain_cpu_ops(capsys) -> None:
+    from xllm.backends.cpu import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler here: the CPU backend runs its plain ops only")
+    filters = ["--filter", "rms_norm", "--filter", "attention", "--filter", "linear"]
+    assert xllm(["conformance", "--backend", "cpu", "--against", "cpu", "--size", "small", *filters]) == 0
+    out = capsys.readouterr().out
+    assert "cpu (cpu) against cpu" in out and " 0 failed" in out
 
 
 def test_cli_no_matching_case_exits_2(capsys) -> None:

@@ -24,7 +24,7 @@ def npu():
 
 @pytest.fixture(scope="module")
 def cpu():
-    return get_backend("cpu")
+    return get_backend("cpu", kernels=False)  # the plain reference ops
 
 
 def dev(t: torch.Tensor) -> torch.Tensor:

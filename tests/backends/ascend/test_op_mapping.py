@@ -80,7 +80,7 @@ def backend(npu) -> AscendBackend:
 
 @pytest.fixture(scope="module")
 def cpu():
-    return get_backend("cpu")
+    return get_backend("cpu", kernels=False)  # the plain reference ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

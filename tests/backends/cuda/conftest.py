@@ -34,7 +34,7 @@ def backend() -> Backend:
 
 @pytest.fixture(scope="session")
 def cpu() -> Backend:
-    return get_backend("cpu")
+    return get_backend("cpu", kernels=False)  # the plain reference ops
 
 
 @pytest.fixture(scope="session")

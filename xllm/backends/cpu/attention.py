@@ -11,6 +11,8 @@ copies, never from reading the tensors back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -147,16 +149,32 @@ def _gather_tokens(
     return cache[tables].flatten(1, 2)[:, :ctx_len].to(torch.float32)
 
 
+# A fused kernel for the decode rows (the backend's fast path): (q [B, Hq, D], k_cache, v_cache,
+# block_tables [B, W], seq_lens [B], scale, sliding_window) -> float32 [B, Hq, D], or None where
+# it does not apply.
+DecodeKernel = Callable[..., torch.Tensor | None]
+
+
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    md: AttentionMetadata,
+    decode_kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = md.num_seqs
     if num_seqs == 0:
         return torch.zeros(num_tokens, num_heads, head_dim, dtype=q.dtype)
-    qsl, lens = md.host_query_start_loc(), md.host_seq_lens()
+    qsl = md.host_query_start_loc()
+    pure_decode = num_tokens == num_seqs and qsl == list(range(num_seqs + 1))
+    if pure_decode and decode_kernel is not None:
+        out = decode_kernel(q, k_cache, v_cache, md.block_tables, md.seq_lens, md.scale, md.sliding_window)
+        if out is not None:
+            return out.to(q.dtype)
+    lens = md.host_seq_lens()
     seq_lens = md.seq_lens.to(torch.int64)
-    if num_tokens == num_seqs and qsl == list(range(num_seqs + 1)):
+    if pure_decode:
         # Pure decode (the hot path, and every graph-replayed step): token i is sequence i.
         return _decode(q, k_cache, v_cache, md.block_tables, seq_lens, lens, md).to(q.dtype)
 
@@ -166,15 +184,12 @@ def paged_attention(
     if decode_rows:
         rows = torch.tensor(decode_rows, dtype=torch.int64)
         tokens = torch.tensor([qsl[i] for i in decode_rows], dtype=torch.int64)
-        res = _decode(
-            q[tokens],
-            k_cache,
-            v_cache,
-            md.block_tables[rows],
-            seq_lens[rows],
-            [lens[i] for i in decode_rows],
-            md,
-        )
+        q_rows, tables, row_lens = q[tokens], md.block_tables[rows], seq_lens[rows]
+        res = None
+        if decode_kernel is not None:
+            res = decode_kernel(q_rows, k_cache, v_cache, tables, row_lens, md.scale, md.sliding_window)
+        if res is None:
+            res = _decode(q_rows, k_cache, v_cache, tables, row_lens, [lens[i] for i in decode_rows], md)
         out[tokens] = res.to(q.dtype)
 
     # Prefill chunks (query length > 1) one sequence at a time: their lengths differ too much

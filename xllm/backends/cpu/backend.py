@@ -1,9 +1,11 @@
 """`CpuBackend`: the reference implementation of the HAL contract, and the CPU runtime.
 
-Every op is plain float32 torch (see ops.py, attention.py, and the HAL's `sampling_ops`, whose
-reference sampling it runs as is), which makes it the oracle the accelerator backends are checked
-against by the conformance suite; it is also what the engine runs on machines without an
-accelerator. Graphs replay eagerly, streams are the HAL's synchronous ones, xTensor pages are
+Every reference op is plain float32 torch (see ops.py, attention.py, and the HAL's
+`sampling_ops`, whose reference sampling it runs as is), which makes ``CpuBackend(kernels=False)``
+the oracle the accelerator backends are checked against by the conformance suite. As the runtime
+of machines without an accelerator it runs, by default, fused C kernels for float32 (kernels.py)
+where they apply and the plain ops elsewhere; the conformance suite checks those kernels against
+the plain ops. Graphs replay eagerly, streams are the HAL's synchronous ones, xTensor pages are
 real mmap pages and collectives go over gloo.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -18,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from xllm.backends.cpu import attention, linear, ops, quant_linear
+from xllm.backends.cpu import kernels as _kernels
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
@@ -73,7 +77,9 @@ class CpuBackend(Backend):
         notes=("reference backend: float32 math, eager graphs, synchronous streams",),
     )
 
-    def __init__(self, num_threads: int | None = None) -> None:
+    def __init__(self, num_threads: int | None = None, kernels: bool | None = None) -> None:
+        """`kernels`: run the fused C kernels where they apply (default: on unless the
+        environment sets ``XLLM_CPU_KERNELS=0``); off, every op is the plain reference."""
         # Which half-precision dtypes are native depends on the host, so it is read at run time
         # (once: every op's argument check reads the capabilities).
         self._capabilities = dataclasses.replace(
@@ -82,6 +88,11 @@ class CpuBackend(Backend):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._streams = SyncStreams()
+        if kernels is None:
+            kernels = os.environ.get("XLLM_CPU_KERNELS", "1") != "0"
+        self.kernels = None
+        if kernels and _kernels.available():
+            self.kernels = _kernels
 
     # ------------------------------------------------------------------ identity
 
@@ -102,6 +113,8 @@ class CpuBackend(Backend):
     def _rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels is not None and (out := self.kernels.rms_norm(x, weight, eps, residual)) is not None:
+            return out
         return ops.rms_norm(x, weight, eps, residual)
 
     def _rotary_embedding(
@@ -112,9 +125,15 @@ class CpuBackend(Backend):
         cos_sin_cache: torch.Tensor,
         neox_style: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels is not None:
+            out = self.kernels.rotary(positions, q, k, cos_sin_cache, neox_style)
+            if out is not None:
+                return out
         return ops.rotary_embedding(positions, q, k, cos_sin_cache, neox_style)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernels is not None and (out := self.kernels.linear(x, weight, bias)) is not None:
+            return out
         return linear.linear(x, weight, bias)
 
     def _linear_int8(
@@ -131,6 +150,8 @@ class CpuBackend(Backend):
         return out
 
     def _silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and (out := self.kernels.silu_and_mul(x)) is not None:
+            return out
         return ops.silu_and_mul(x)
 
     def _gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -144,7 +165,8 @@ class CpuBackend(Backend):
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+        if self.kernels is None or not self.kernels.cache_write(k, v, k_cache, v_cache, slot_mapping):
+            ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 
     def _attention(
         self,
@@ -155,7 +177,8 @@ class CpuBackend(Backend):
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        return attention.paged_attention(q, k_cache, v_cache, metadata)
+        decode = self.kernels.paged_decode if self.kernels is not None else None
+        return attention.paged_attention(q, k_cache, v_cache, metadata, decode)
 
     def _processed_logits(self, logits: torch.Tensor, sampling: SamplingMetadata) -> torch.Tensor:
         return sampling_ops.processed_logits(logits, sampling)

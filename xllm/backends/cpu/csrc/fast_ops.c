@@ -1,0 +1,295 @@
+/* Fused float32 kernels of the CPU backend's fast path (see kernels.py for why and when).
+
+   Built with -ffp-contract=off: the elementwise kernels (RMSNorm's scaling, rotary, SiLU * up)
+   then round every product and sum exactly as the torch reference ops do, one operation at a
+   time; the GEMV and the attention dot products use FMA intrinsics or reductions in their own
+   order, which the conformance tolerances cover. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+/* Work below this many multiply-adds runs on the calling thread: waking the pool costs more. */
+#define PARALLEL_MIN_WORK 32768
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+  return acc;
+}
+
+/* out = weight * (h * rsqrt(mean(h^2) + eps)) with h = x (+ residual, also written to hidden). */
+void xllm_rms_norm(const float* x, int64_t ldx, const float* residual, const float* weight,
+                   float* out, float* hidden, int64_t T, int64_t H, float eps, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * H >= PARALLEL_MIN_WORK)
+  for (int64_t t = 0; t < T; t++) {
+    const float* h = x + t * ldx;
+    if (residual != NULL) {
+      float* hr = hidden + t * H;
+      const float* r = residual + t * H;
+      for (int64_t i = 0; i < H; i++) hr[i] = h[i] + r[i];
+      h = hr;
+    }
+    float ss = dot(h, h, H);
+    float inv = 1.f / sqrtf(ss / (float)H + eps);
+    float* o = out + t * H;
+    for (int64_t i = 0; i < H; i++) o[i] = weight[i] * (h[i] * inv);
+  }
+}
+
+static inline void rotate_head(float* x, const float* c, const float* s, int64_t half, int neox) {
+  if (neox) {
+    for (int64_t i = 0; i < half; i++) {
+      float x1 = x[i], x2 = x[i + half];
+      x[i] = x1 * c[i] - x2 * s[i];
+      x[i + half] = x2 * c[i] + x1 * s[i];
+    }
+  } else {
+    for (int64_t i = 0; i < half; i++) {
+      float x1 = x[2 * i], x2 = x[2 * i + 1];
+      x[2 * i] = x1 * c[i] - x2 * s[i];
+      x[2 * i + 1] = x2 * c[i] + x1 * s[i];
+    }
+  }
+}
+
+/* In place on the first `rot` dims of every head of q [T, Hq, *] and k [T, Hk, *] (token and
+   head strides given); cos_sin rows hold rot/2 cosines then rot/2 sines. */
+void xllm_rotary(const int64_t* positions, float* q, int64_t q_ts, int64_t q_hs, int64_t Hq, float* k,
+                 int64_t k_ts, int64_t k_hs, int64_t Hk, const float* cos_sin, int64_t rot, int64_t T,
+                 int neox) {
+  const int64_t half = rot / 2;
+  for (int64_t t = 0; t < T; t++) {
+    const float* c = cos_sin + positions[t] * rot;
+    const float* s = c + half;
+    for (int64_t h = 0; h < Hq; h++) rotate_head(q + t * q_ts + h * q_hs, c, s, half, neox);
+    for (int64_t h = 0; h < Hk; h++) rotate_head(k + t * k_ts + h * k_hs, c, s, half, neox);
+  }
+}
+
+/* out[t] = silu(x[t, :I]) * x[t, I:], silu(g) = g / (1 + exp(-g)) as torch computes it. */
+void xllm_silu_and_mul(const float* x, float* out, int64_t T, int64_t I, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= PARALLEL_MIN_WORK)
+  for (int64_t t = 0; t < T; t++) {
+    const float* g = x + t * 2 * I;
+    const float* u = g + I;
+    float* o = out + t * I;
+    for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+  }
+}
+
+/* Token t's `width` K and V values go to slot slots[t] of contiguous caches of `num_slots`
+   slots; a negative slot writes nothing (graph padding rows). Returns -1, having written
+   nothing, when a slot is past the cache (the caller's reference op then raises). */
+int xllm_cache_write(const float* k, int64_t k_ts, const float* v, int64_t v_ts, float* k_cache,
+                     float* v_cache, const int64_t* slots, int64_t T, int64_t width, int64_t num_slots) {
+  for (int64_t t = 0; t < T; t++)
+    if (slots[t] >= num_slots) return -1;
+  for (int64_t t = 0; t < T; t++) {
+    int64_t s = slots[t];
+    if (s < 0) continue;
+    memcpy(k_cache + s * width, k + t * k_ts, (size_t)width * sizeof(float));
+    memcpy(v_cache + s * width, v + t * v_ts, (size_t)width * sizeof(float));
+  }
+  return 0;
+}
+
+/* One query token per sequence b against its paged context: keys [start, seq_lens[b]) with
+   start = seq_len - window under a sliding window. Caches [blocks, BS, Hkv, D] contiguous; q rows
+   [Hq, D] `q_ts` apart; out [B, Hq, D]. Query head h reads KV head h / (Hq / Hkv). Each task is
+   one (sequence, KV head): its query heads share every key and value row read. Returns -1,
+   having computed nothing, when a sequence's blocks are past its table row or the cache's
+   `num_blocks` (the caller's reference op then raises). */
+int xllm_paged_decode(const float* q, int64_t q_ts, const float* k_cache, const float* v_cache,
+                      const int32_t* tables, int64_t W, const int32_t* seq_lens, float* out, int64_t B,
+                      int64_t Hq, int64_t Hkv, int64_t D, int64_t BS, int64_t num_blocks, float scale,
+                      int64_t window, int nthreads) {
+  const int64_t G = Hq / Hkv;
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t used = (seq_lens[b] + BS - 1) / BS;
+    if (used > W) return -1;
+    const int64_t first = (window > 0 && seq_lens[b] > window) ? (seq_lens[b] - window) / BS : 0;
+    for (int64_t i = first; i < used; i++)
+      if (tables[b * W + i] < 0 || tables[b * W + i] >= num_blocks) return -1;
+    total += seq_lens[b];
+  }
+#pragma omp parallel num_threads(nthreads) if (total * Hq * D >= PARALLEL_MIN_WORK)
+  {
+    float* scores = NULL;
+    int64_t cap = 0;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * Hkv; task++) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t len = seq_lens[b];
+      const int64_t start = (window > 0 && len > window) ? len - window : 0;
+      const int64_t n = len - start;
+      float* o = out + (b * Hq + h * G) * D;
+      memset(o, 0, (size_t)(G * D) * sizeof(float));
+      if (n <= 0) continue;
+      if (n * G > cap) {
+        free(scores);
+        cap = n * G;
+        scores = (float*)malloc((size_t)cap * sizeof(float));
+      }
+      const int32_t* bt = tables + b * W;
+      const float* qb = q + b * q_ts + h * G * D;
+      for (int64_t i = 0; i < n; i++) {
+        const int64_t t = start + i;
+        const float* kp = k_cache + (((int64_t)bt[t / BS] * BS + t % BS) * Hkv + h) * D;
+        for (int64_t j = 0; j < G; j++) scores[j * n + i] = dot(qb + j * D, kp, D) * scale;
+      }
+      for (int64_t j = 0; j < G; j++) {
+        float* s = scores + j * n;
+        float m = s[0];
+        for (int64_t i = 1; i < n; i++) m = s[i] > m ? s[i] : m;
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; i++) {
+          s[i] = expf(s[i] - m);
+          sum += s[i];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t i = 0; i < n; i++) s[i] *= inv;
+      }
+      for (int64_t i = 0; i < n; i++) {
+        const int64_t t = start + i;
+        const float* vp = v_cache + (((int64_t)bt[t / BS] * BS + t % BS) * Hkv + h) * D;
+        for (int64_t j = 0; j < G; j++) {
+          const float p = scores[j * n + i];
+          float* oj = o + j * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; d++) oj[d] += p * vp[d];
+        }
+      }
+    }
+    free(scores);
+  }
+  return 0;
+}
+
+/* ---- y[T, O] = x[T, I] @ w[O, I].T + bias: few rows of x against weights streamed once. -----
+   Output rows go in tiles of NW weight rows by NT rows of x: each weight vector loaded feeds NT
+   FMAs and each x vector NW, so the weights stream at memory speed while x stays in L1. */
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define VW 16
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(v) _mm512_reduce_add_ps(v)
+#define NW_MAX 4
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+#define VW 8
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float VSUM(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+#define NW_MAX 2
+#endif
+
+#ifdef VW
+#define DEFINE_TILE(NW, NT)                                                                      \
+  static inline void tile_##NW##_##NT(const float* w, const float* x, int64_t ldx, int64_t I,    \
+                                      float* y, int64_t ldy) {                                   \
+    vec acc[NW][NT];                                                                             \
+    for (int a = 0; a < NW; a++)                                                                 \
+      for (int t = 0; t < NT; t++) acc[a][t] = VZERO();                                          \
+    int64_t k = 0;                                                                               \
+    for (; k + VW <= I; k += VW) {                                                               \
+      vec xv[NT];                                                                                \
+      for (int t = 0; t < NT; t++) xv[t] = VLOAD(x + t * ldx + k);                               \
+      for (int a = 0; a < NW; a++) {                                                             \
+        vec wv = VLOAD(w + a * I + k);                                                           \
+        for (int t = 0; t < NT; t++) acc[a][t] = VFMA(wv, xv[t], acc[a][t]);                     \
+      }                                                                                          \
+    }                                                                                            \
+    for (int a = 0; a < NW; a++)                                                                 \
+      for (int t = 0; t < NT; t++) {                                                             \
+        float s = VSUM(acc[a][t]);                                                               \
+        for (int64_t r = k; r < I; r++) s += w[a * I + r] * x[t * ldx + r];                      \
+        y[t * ldy + a] = s;                                                                      \
+      }                                                                                          \
+  }
+#else
+#define NW_MAX 1
+#define DEFINE_TILE(NW, NT)                                                                      \
+  static inline void tile_##NW##_##NT(const float* w, const float* x, int64_t ldx, int64_t I,    \
+                                      float* y, int64_t ldy) {                                   \
+    for (int a = 0; a < NW; a++)                                                                 \
+      for (int t = 0; t < NT; t++) y[t * ldy + a] = dot(w + a * I, x + t * ldx, I);              \
+  }
+#endif
+DEFINE_TILE(1, 1)
+DEFINE_TILE(1, 4)
+#if NW_MAX >= 2
+DEFINE_TILE(2, 1)
+DEFINE_TILE(2, 4)
+#endif
+#if NW_MAX >= 4
+DEFINE_TILE(4, 1)
+DEFINE_TILE(4, 4)
+#endif
+
+static inline void rows_tile(const float* w, const float* x, int64_t ldx, int64_t T, int64_t I, float* y,
+                             int64_t O, int nw) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    const float* xt = x + t * ldx;
+    float* yt = y + t * O;
+#if NW_MAX >= 4
+    if (nw == 4) { tile_4_4(w, xt, ldx, I, yt, O); continue; }
+#endif
+#if NW_MAX >= 2
+    if (nw == 2) { tile_2_4(w, xt, ldx, I, yt, O); continue; }
+#endif
+    tile_1_4(w, xt, ldx, I, yt, O);
+  }
+  for (; t < T; t++) {
+    const float* xt = x + t * ldx;
+    float* yt = y + t * O;
+#if NW_MAX >= 4
+    if (nw == 4) { tile_4_1(w, xt, ldx, I, yt, O); continue; }
+#endif
+#if NW_MAX >= 2
+    if (nw == 2) { tile_2_1(w, xt, ldx, I, yt, O); continue; }
+#endif
+    tile_1_1(w, xt, ldx, I, yt, O);
+  }
+}
+
+void xllm_linear(const float* x, int64_t ldx, const float* w, const float* bias, float* y, int64_t T,
+                 int64_t O, int64_t I, int nthreads) {
+  const int64_t blocks = O / NW_MAX;
+  /* Rows of x go in chunks that stay in L2 while every weight row passes by (the weights are
+     then read once per chunk, which at these sizes costs far less than the arithmetic). */
+  int64_t chunk = (int64_t)(256 * 1024) / (I * (int64_t)sizeof(float));
+  chunk = chunk < 4 ? 4 : chunk & ~(int64_t)3;
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t tn = T - t0 < chunk ? T - t0 : chunk;
+    const float* xc = x + t0 * ldx;
+    float* yc = y + t0 * O;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (tn * O * I >= PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk <= blocks; blk++) {
+      const int64_t o = blk * NW_MAX;
+      const int64_t nw = blk < blocks ? NW_MAX : O - o;
+      if (nw == NW_MAX) {
+        rows_tile(w + o * I, xc, ldx, tn, I, yc + o, O, NW_MAX);
+      } else {
+        for (int64_t a = 0; a < nw; a++) rows_tile(w + (o + a) * I, xc, ldx, tn, I, yc + o + a, O, 1);
+      }
+    }
+  }
+  if (bias != NULL)
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t o = 0; o < O; o++) y[t * O + o] += bias[o];
+}

@@ -1,0 +1,240 @@
+"""The CPU backend's fast path: fused float32 kernels in C (``csrc/fast_ops.c``).
+
+A decode step of a small model on a CPU spends as long in its small ops as in its GEMVs: torch
+runs RMSNorm, rotary, the cache write and paged attention as ten to thirty ATen calls each, a few
+microseconds apiece, and its GEMM path for a handful of rows reads the weights several times over.
+Measured on the 100M-parameter Llama at batch 1 (2 threads of an AVX-512 EPYC, float32), a step
+took 10.2 ms, 4.3 ms of it outside the projections; attention alone was 1.6 ms (12 layers).
+These kernels do each op in one call, reading the paged cache through the block table in place:
+
+- `rms_norm` (with the fused residual add), `rotary` (in place, NeoX or GPT-J pairs),
+  `silu_and_mul`, `cache_write`: elementwise, built with ``-ffp-contract=off`` so each product
+  and sum rounds as the torch ops round it;
+- `paged_decode`: one query token per sequence over its paged context (GQA, sliding window),
+  one task per (sequence, KV head) so the query heads of a group share every key read;
+- `linear`: tiles of 4 weight rows by 4 rows of x in SIMD registers (AVX-512; 2 by 4 on AVX2),
+  rows of x in chunks that stay in L2. The weights stream once at memory speed for a few rows,
+  and many rows run near the FMA peak. On the 49 projections of that model (450 MB), 2 threads,
+  against the plain path (weights split over the threads by ``bmm`` up to 256 rows, then
+  ``F.linear``, i.e. MKL, which does not take its fast paths on this AMD host), ms: 1 row 9.3 ->
+  8.9, 8 rows 28.2 -> 16.5, 32 rows 55.3 -> 33.9, 64 rows 92.1 -> 57.3, 256 rows 306 -> 208,
+  2048 rows 2305 -> 1722 (277 GFLOP/s).
+
+Each returns None where it does not apply (another dtype, a layout it does not read), and the
+backend runs its plain torch op. Those plain ops stay the reference: ``CpuBackend(kernels=False)``
+(or ``XLLM_CPU_KERNELS=0``) runs only them, the conformance suite's ``cpu`` reference is built so,
+and ``xllm conformance --backend cpu`` checks the kernels against it (``--against cpu``) or
+against NumPy. The source is built once per machine by `cbuild`; without a C compiler the
+backend runs its plain ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from importlib import resources
+
+import torch
+
+from xllm.backends.cpu import cbuild
+
+_F32 = torch.float32
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    source = resources.files("xllm.backends.cpu").joinpath("csrc/fast_ops.c").read_text()
+    lib = cbuild.load(
+        "fast_ops", source, ("-ffp-contract=off",), what="the CPU backend runs its plain torch ops"
+    )
+    if lib is None:
+        return None
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "xllm_rms_norm": [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, f32, i32],
+        "xllm_rotary": [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i32],
+        "xllm_silu_and_mul": [ptr, ptr, i64, i64, i32],
+        "xllm_cache_write": [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64],
+        "xllm_paged_decode": [
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            f32,
+            i64,
+            i32,
+        ],
+        "xllm_linear": [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i32],
+    }
+    checked = {"xllm_cache_write", "xllm_paged_decode"}  # -1: an index out of range, nothing done
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int if name in checked else None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def _rows_f32(x: torch.Tensor) -> bool:
+    """A float32 CPU matrix whose rows are contiguous (any row stride)."""
+    return x.dtype == _F32 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+
+
+def _dense_f32(x: torch.Tensor) -> bool:
+    return x.dtype == _F32 and x.device.type == "cpu" and x.is_contiguous()
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return x.data_ptr() if x is not None else None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    shape = x.shape
+    if x.dim() != 2:
+        if not x.is_contiguous() or x.dim() == 0:
+            return None
+        x = x.view(-1, shape[-1])
+    t, h = x.shape
+    if not (_rows_f32(x) and _dense_f32(weight) and weight.numel() == h):
+        return None
+    if residual is not None:
+        if not _dense_f32(residual) or residual.shape != shape:
+            return None
+        residual = residual.view(t, h)
+    lib = _library()
+    if lib is None:
+        return None
+    out = torch.empty(t, h, dtype=_F32)
+    hidden = torch.empty(t, h, dtype=_F32) if residual is not None else None
+    lib.xllm_rms_norm(
+        x.data_ptr(), x.stride(0), _ptr(residual), weight.data_ptr(), out.data_ptr(), _ptr(hidden),
+        t, h, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    if hidden is not None:
+        return out.view(shape), hidden.view(shape)
+    return out.view(shape)
+
+
+def _heads_ok(x: torch.Tensor) -> bool:
+    return x.dtype == _F32 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1
+
+
+def rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, neox_style: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not (_heads_ok(q) and _heads_ok(k) and _dense_f32(cos_sin_cache) and cos_sin_cache.dim() == 2):
+        return None
+    rot = cos_sin_cache.shape[1]
+    if rot % 2 or rot > q.shape[2] or rot > k.shape[2] or q.shape[0] != k.shape[0]:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    pos = positions.to(torch.int64).contiguous()
+    lib.xllm_rotary(
+        pos.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
+        k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
+        cos_sin_cache.data_ptr(), rot, q.shape[0], int(neox_style),
+    )  # fmt: skip
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    if not (_dense_f32(x) and x.dim() == 2 and x.shape[1] % 2 == 0):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    t, i = x.shape[0], x.shape[1] // 2
+    out = torch.empty(t, i, dtype=_F32)
+    lib.xllm_silu_and_mul(x.data_ptr(), out.data_ptr(), t, i, torch.get_num_threads())
+    return out
+
+
+def _token_rows(x: torch.Tensor) -> bool:
+    """[T, H, D] float32 whose (H, D) part of each token is contiguous."""
+    return _heads_ok(x) and x.stride(1) == x.shape[2]
+
+
+def cache_write(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> bool:
+    """Writes k, v into the caches; False (nothing written) where the kernel does not apply or a
+    slot is out of range (the reference op then raises)."""
+    if not (_token_rows(k) and _token_rows(v) and _dense_f32(k_cache) and _dense_f32(v_cache)):
+        return False
+    width = k.shape[1] * k.shape[2]
+    if v.shape != k.shape or k_cache.dim() != 4 or k_cache.shape[2] * k_cache.shape[3] != width:
+        return False
+    lib = _library()
+    if lib is None:
+        return False
+    slots = slot_mapping.to(torch.int64).contiguous()
+    status = lib.xllm_cache_write(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), k.shape[0], width, k_cache.shape[0] * k_cache.shape[1],
+    )  # fmt: skip
+    return status == 0
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """float32 [B, Hq, D] attention of one query per row (q [B, Hq, D]); None where it does not
+    apply or a block index is out of range (the reference op then raises)."""
+    if not (_token_rows(q) and _dense_f32(k_cache) and _dense_f32(v_cache) and k_cache.dim() == 4):
+        return None
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if k_cache.shape[3] != d or hq % hkv or v_cache.shape != k_cache.shape:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    out = torch.empty(b, hq, d, dtype=_F32)
+    status = lib.xllm_paged_decode(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+        tables.shape[1], lens.data_ptr(), out.data_ptr(), b, hq, hkv, d, k_cache.shape[1],
+        k_cache.shape[0], scale, sliding_window or 0, torch.get_num_threads(),
+    )  # fmt: skip
+    return out if status == 0 else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    if not (_rows_f32(x) and _dense_f32(weight) and weight.dim() == 2):
+        return None
+    if weight.shape[1] != x.shape[1] or (bias is not None and not _dense_f32(bias)):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    t, (o, i) = x.shape[0], weight.shape
+    out = torch.empty(t, o, dtype=_F32)
+    lib.xllm_linear(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), t, o, i,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
