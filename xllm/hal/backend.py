@@ -184,6 +184,14 @@ class Backend(ABC):
             )
         return self._rotary_embedding(positions, q, k, cos_sin_cache, bool(neox_style))
 
+    def embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Rows of `weight` [vocab, hidden] for `input_ids` [T] -> [T, hidden]; an id outside the
+        vocabulary raises IndexError."""
+        op = "embedding"
+        check_tensor(op, "input_ids", input_ids, ndim=1, dtypes=INDEX_DTYPES)
+        check_tensor(op, "weight", weight, ndim=2, dtypes=self.capabilities.dtypes)
+        return self._embedding(input_ids, weight)
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU gate: ``silu(x[..., :d]) * x[..., d:]`` for x: [..., 2d]."""
         self._check_gated("silu_and_mul", x)
@@ -496,6 +504,11 @@ class Backend(ABC):
 
     @abstractmethod
     def _gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor: ...
+
+    def _embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A lookup every torch device runs; a backend overrides it only to make it one of its
+        own kernels (the CPU backend, so that its recorded decode step covers the whole model)."""
+        return torch.nn.functional.embedding(input_ids, weight)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)

@@ -12,7 +12,6 @@ description serves every layer and the runner owns the KV-cache block tables.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from xllm.hal.backend import Backend
 from xllm.hal.metadata import AttentionMetadata
@@ -63,7 +62,7 @@ class CausalLM:
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert len(kv_caches) == len(self.layers), f"need one (k, v) cache per layer, got {len(kv_caches)}"
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = self.backend.embedding(input_ids, self.embed_tokens)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)

@@ -48,6 +48,7 @@ THRESHOLDS: dict[str, dict[torch.dtype, float]] = {
     "rotary_embedding": {},
     # float32 2e-6 as for attention: GPU GEMMs may run float32 inputs through TF32 tensor cores.
     "linear": {torch.float32: 2e-6},
+    "embedding": {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 0.0},
     "silu_and_mul": {},
     "gelu_and_mul": {},
     "reshape_and_cache": {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 0.0},

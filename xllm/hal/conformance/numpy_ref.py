@@ -152,6 +152,9 @@ class NumpyReference:
             out = out + to_numpy(bias)
         return _out(out)
 
+    def embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _out(to_numpy(weight)[to_numpy(input_ids)])
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         a = to_numpy(x)
         d = a.shape[-1] // 2

@@ -1,4 +1,4 @@
-"""Case kinds for the eight HAL ops: which shapes are tried, and how each result is compared.
+"""Case kinds for the HAL ops: which shapes are tried, and how each result is compared.
 
 Each kind has a builder (the case list: small, medium and edge shapes in float32, bfloat16 and
 float16) and a check that generates the case's inputs from its seed on the CPU, hands each side
@@ -123,6 +123,29 @@ def _check_rotary(case: Case, backend: Any, reference: Any, chk: Checker) -> Non
     (out, _), (ref, _) = _both(backend, reference, call, data)
     chk.close("q", out[0], ref[0])
     chk.close("k", out[1], ref[1])
+
+
+# ---------------------------------------------------------------------------------- embedding
+
+
+def _build_embedding() -> list[Case]:
+    shapes = [(1, 50, 64, True), (9, 1000, 96, True), (33, 512, 768, False)]  # (T, vocab, hidden)
+    return [
+        make_case("embedding", dtype, small=small, T=t, vocab=vocab, hidden=hidden)
+        for dtype in DTYPES
+        for t, vocab, hidden, small in shapes
+    ]
+
+
+def _check_embedding(case: Case, backend: Any, reference: Any, chk: Checker) -> None:
+    p, gen = case.p, generator(case.seed)
+    ids = torch.randint(0, p["vocab"], (p["T"],), generator=gen, dtype=torch.int64)
+    ids[0] = p["vocab"] - 1  # the last row too
+    data = {"ids": ids, "weight": randn(gen, (p["vocab"], p["hidden"]), case.dtype)}
+    (out, _), (ref, _) = _both(
+        backend, reference, lambda side, d: side.embedding(d["ids"], d["weight"]), data
+    )
+    chk.exact("rows", out, ref)
 
 
 # ---------------------------------------------------------------------------------- gated activations
@@ -530,6 +553,7 @@ register_kind(
 register_kind(
     "rotary_embedding", _build_rotary, _check_rotary, description="RoPE, neox and gptj, partial rot_dim"
 )
+register_kind("embedding", _build_embedding, _check_embedding, description="token rows, exact")
 register_kind("linear", _build_linear, _check_linear, description="x @ weight.T + bias")
 register_kind("silu_and_mul", _build_silu, _check_silu, description="SwiGLU gate")
 register_kind("gelu_and_mul", _build_gelu, _check_gelu, description="GeGLU gate, erf and tanh")
