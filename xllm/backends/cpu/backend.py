@@ -22,6 +22,7 @@ import torch
 
 from xllm.backends.cpu import attention, linear, ops, quant_linear
 from xllm.backends.cpu import kernels as _kernels
+from xllm.backends.cpu.graphs import CpuGraphRunner
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
@@ -70,11 +71,17 @@ class CpuBackend(Backend):
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         dtypes=FLOAT_DTYPES,
         shares_host_memory=True,
-        graph_capture=False,  # replay re-executes eagerly
+        # Buckets are recorded on first use, not captured up front (graphs.py): small ones replay
+        # a program of the C kernels, larger ones (and every bucket without the kernels) re-run
+        # the step eagerly.
+        graph_capture=False,
         virtual_memory=True,  # xTensor pages are mmap/mprotect/madvise pages
         collective_backend="gloo",
         kv_cache_layout="NHD",
-        notes=("reference backend: float32 math, eager graphs, synchronous streams",),
+        notes=(
+            "reference backend: float32 math, synchronous streams; fused C kernels and recorded "
+            "decode graphs unless kernels=False",
+        ),
     )
 
     def __init__(self, num_threads: int | None = None, kernels: bool | None = None) -> None:
@@ -130,6 +137,11 @@ class CpuBackend(Backend):
             if out is not None:
                 return out
         return ops.rotary_embedding(positions, q, k, cos_sin_cache, neox_style)
+
+    def _embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and (out := self.kernels.embedding(input_ids, weight)) is not None:
+            return out
+        return super()._embedding(input_ids, weight)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kernels is not None and (out := self.kernels.linear(x, weight, bias)) is not None:
@@ -204,7 +216,36 @@ class CpuBackend(Backend):
         max_batch_size: int | None,
         device_index: int,
     ) -> GraphRunner:
+        if self.kernels is not None:
+            return CpuGraphRunner(
+                fn,
+                inputs,
+                self.device(device_index),
+                capture_sizes,
+                max_batch_size,
+                own_ops=self._runs_own_ops,
+            )
         return EagerGraphRunner(fn, inputs, self.device(device_index), capture_sizes, max_batch_size)
+
+    # Ops a recorded decode step runs as C kernels: replaced in Python, they must run eagerly.
+    _RECORDED_OPS = (
+        "_embedding",
+        "_rms_norm",
+        "_rotary_embedding",
+        "_linear",
+        "_linear_int8",
+        "_silu_and_mul",
+        "_gelu_and_mul",
+        "_reshape_and_cache",
+        "_attention",
+    )
+
+    def _runs_own_ops(self) -> bool:
+        own = vars(self)
+        return all(
+            name not in own and getattr(type(self), name) is getattr(CpuBackend, name)
+            for name in self._RECORDED_OPS
+        )
 
     # ------------------------------------------------------------------ streams
 

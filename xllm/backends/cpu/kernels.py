@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
+import threading
 from importlib import resources
 
 import torch
@@ -51,7 +53,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     signatures = {
-        "xllm_rms_norm": [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, f32, i32],
+        "xllm_rms_norm": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, f32, i32],
         "xllm_rotary": [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i32],
         "xllm_silu_and_mul": [ptr, ptr, i64, i64, i32],
         "xllm_cache_write": [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64],
@@ -75,8 +77,11 @@ def _library() -> ctypes.CDLL | None:
             i32,
         ],
         "xllm_linear": [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i32],
+        "xllm_embedding": [ptr, ptr, ptr, i64, i64, i64],
+        "xllm_replay": [ptr, i64],
     }
-    checked = {"xllm_cache_write", "xllm_paged_decode"}  # -1: an index out of range, nothing done
+    # -1: an index out of range, nothing done
+    checked = {"xllm_cache_write", "xllm_paged_decode", "xllm_embedding", "xllm_replay"}
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
@@ -86,6 +91,89 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return _library() is not None
+
+
+# ---- recording: the CPU backend's graphs (graphs.py) ---------------------------------------------
+
+# Kernel numbers and the row width of a recorded program, as csrc/fast_ops.c's xllm_replay reads them.
+_KERNEL_NUMBERS = {
+    "xllm_rms_norm": 1,
+    "xllm_rotary": 2,
+    "xllm_silu_and_mul": 3,
+    "xllm_cache_write": 4,
+    "xllm_paged_decode": 5,
+    "xllm_linear": 6,
+    "xllm_embedding": 7,
+}
+_RECORD_WIDTH = 20
+_local = threading.local()
+
+
+class Recorder:
+    """The kernel calls made while it is active (`recording`), as a program `replay` runs again:
+    the same kernels on the same buffers, whose contents may have changed. It keeps every output
+    it saw allocated alive, so the addresses in the program stay valid."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] = []
+        self.buffers: list[torch.Tensor] = []
+        self.foreign: list[str] = []  # other native kernels that ran: the program would miss them
+
+    def add(self, name: str, args: tuple[object, ...]) -> None:
+        row = [_KERNEL_NUMBERS[name]]
+        for arg in args:
+            if arg is None:
+                row.append(0)
+            elif isinstance(arg, float):  # float32 arguments travel as their bits
+                row.append(struct.unpack("<i", struct.pack("<f", arg))[0])
+            else:
+                row.append(int(arg))
+        self.rows.append(row + [0] * (_RECORD_WIDTH - len(row)))
+
+    def program(self) -> torch.Tensor:
+        return torch.tensor(self.rows, dtype=torch.int64).view(-1, _RECORD_WIDTH)
+
+
+class recording:  # noqa: N801 - a context manager, used as `with recording() as rec:`
+    """Records the kernel calls of this thread into a new `Recorder`."""
+
+    def __enter__(self) -> Recorder:
+        self.recorder = Recorder()
+        _local.recorder = self.recorder
+        return self.recorder
+
+    def __exit__(self, *exc: object) -> None:
+        _local.recorder = None
+
+
+def note_foreign_kernel(name: str) -> None:
+    """Called by native kernels that are not recorded (the int8 linear), so that a recording they
+    ran in is not replayed without them."""
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder.foreign.append(name)
+
+
+def replay(program: torch.Tensor) -> bool:
+    """Runs a recorded program; False if a kernel found an index out of range (stopped there)."""
+    lib = _library()
+    assert lib is not None, "a program is only recorded where the kernels run"
+    return lib.xllm_replay(program.data_ptr(), program.shape[0]) == 0
+
+
+def _run(lib: ctypes.CDLL, name: str, *args: object) -> int | None:
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder.add(name, args)
+    return getattr(lib, name)(*args)
+
+
+def _output(*shape: int) -> torch.Tensor:
+    out = torch.empty(*shape, dtype=_F32)
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder.buffers.append(out)
+    return out
 
 
 def _rows_f32(x: torch.Tensor) -> bool:
@@ -105,29 +193,43 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     shape = x.shape
-    if x.dim() != 2:
-        if not x.is_contiguous() or x.dim() == 0:
-            return None
-        x = x.view(-1, shape[-1])
-    t, h = x.shape
-    if not (_rows_f32(x) and _dense_f32(weight) and weight.numel() == h):
+    if x.dtype != _F32 or x.device.type != "cpu" or x.dim() not in (2, 3) or x.stride(-1) != 1:
         return None
-    if residual is not None:
-        if not _dense_f32(residual) or residual.shape != shape:
-            return None
-        residual = residual.view(t, h)
+    h = shape[-1]
+    heads = shape[1] if x.dim() == 3 else 1
+    head_stride = x.stride(1) if x.dim() == 3 else 0
+    if not (_dense_f32(weight) and weight.numel() == h):
+        return None
+    if residual is not None and (not _dense_f32(residual) or residual.shape != shape or x.dim() != 2):
+        return None
     lib = _library()
     if lib is None:
         return None
-    out = torch.empty(t, h, dtype=_F32)
-    hidden = torch.empty(t, h, dtype=_F32) if residual is not None else None
-    lib.xllm_rms_norm(
-        x.data_ptr(), x.stride(0), _ptr(residual), weight.data_ptr(), out.data_ptr(), _ptr(hidden),
-        t, h, eps, torch.get_num_threads(),
+    out = _output(*shape)
+    hidden = _output(*shape) if residual is not None else None
+    _run(
+        lib, "xllm_rms_norm", x.data_ptr(), x.stride(0), head_stride, heads, _ptr(residual),
+        weight.data_ptr(), out.data_ptr(), _ptr(hidden), shape[0], h, eps, torch.get_num_threads(),
     )  # fmt: skip
-    if hidden is not None:
-        return out.view(shape), hidden.view(shape)
-    return out.view(shape)
+    return (out, hidden) if hidden is not None else out
+
+
+def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """Rows of `weight` for `input_ids` [T]; None where the kernel does not apply or an id is out
+    of range (the reference op then raises)."""
+    if not (_dense_f32(weight) and weight.dim() == 2 and input_ids.dim() == 1):
+        return None
+    if input_ids.dtype != torch.int64 or not input_ids.is_contiguous():
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    out = _output(input_ids.shape[0], weight.shape[1])
+    status = _run(
+        lib, "xllm_embedding", input_ids.data_ptr(), weight.data_ptr(), out.data_ptr(),
+        input_ids.shape[0], weight.shape[1], weight.shape[0],
+    )  # fmt: skip
+    return out if status == 0 else None
 
 
 def _heads_ok(x: torch.Tensor) -> bool:
@@ -146,8 +248,8 @@ def rotary(
     if lib is None:
         return None
     pos = positions.to(torch.int64).contiguous()
-    lib.xllm_rotary(
-        pos.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
+    _run(
+        lib, "xllm_rotary", pos.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
         k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
         cos_sin_cache.data_ptr(), rot, q.shape[0], int(neox_style),
     )  # fmt: skip
@@ -161,8 +263,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     if lib is None:
         return None
     t, i = x.shape[0], x.shape[1] // 2
-    out = torch.empty(t, i, dtype=_F32)
-    lib.xllm_silu_and_mul(x.data_ptr(), out.data_ptr(), t, i, torch.get_num_threads())
+    out = _output(t, i)
+    _run(lib, "xllm_silu_and_mul", x.data_ptr(), out.data_ptr(), t, i, torch.get_num_threads())
     return out
 
 
@@ -185,8 +287,8 @@ def cache_write(
     if lib is None:
         return False
     slots = slot_mapping.to(torch.int64).contiguous()
-    status = lib.xllm_cache_write(
-        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+    status = _run(
+        lib, "xllm_cache_write", k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
         slots.data_ptr(), k.shape[0], width, k_cache.shape[0] * k_cache.shape[1],
     )  # fmt: skip
     return status == 0
@@ -214,9 +316,9 @@ def paged_decode(
         return None
     tables = block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    out = torch.empty(b, hq, d, dtype=_F32)
-    status = lib.xllm_paged_decode(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+    out = _output(b, hq, d)
+    status = _run(
+        lib, "xllm_paged_decode", q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
         tables.shape[1], lens.data_ptr(), out.data_ptr(), b, hq, hkv, d, k_cache.shape[1],
         k_cache.shape[0], scale, sliding_window or 0, torch.get_num_threads(),
     )  # fmt: skip
@@ -232,9 +334,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if lib is None:
         return None
     t, (o, i) = x.shape[0], weight.shape
-    out = torch.empty(t, o, dtype=_F32)
-    lib.xllm_linear(
-        x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), t, o, i,
+    out = _output(t, o)
+    _run(
+        lib, "xllm_linear", x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), t, o, i,
         torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -33,7 +33,7 @@ import threading
 
 import torch
 
-from xllm.backends.cpu import cbuild
+from xllm.backends.cpu import cbuild, kernels
 
 # Rows of x up to which the direct kernel runs. Measured on the 48 projections of a decode step
 # of the 100M-parameter Llama (12 layers, weights cold in cache: 340 MB float32, 96 MB int8), 2
@@ -235,6 +235,7 @@ def linear_int8(
     lib = _library()
     if lib is None:
         return None
+    kernels.note_foreign_kernel("int8 linear")
     x = x.contiguous()
     qweight = qweight.contiguous()
     scales = scales.contiguous()

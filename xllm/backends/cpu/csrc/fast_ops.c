@@ -22,23 +22,35 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-/* out = weight * (h * rsqrt(mean(h^2) + eps)) with h = x (+ residual, also written to hidden). */
-void xllm_rms_norm(const float* x, int64_t ldx, const float* residual, const float* weight,
-                   float* out, float* hidden, int64_t T, int64_t H, float eps, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * H >= PARALLEL_MIN_WORK)
-  for (int64_t t = 0; t < T; t++) {
-    const float* h = x + t * ldx;
+/* out = weight * (h * rsqrt(mean(h^2) + eps)) over rows of H, with h = x (+ residual, also
+   written to hidden). Rows are (token, head) pairs, `ldt` and `ldh` apart (heads: per-head
+   norms of strided q/k views; NH = 1 otherwise); out and hidden are dense [T * NH, H]. */
+void xllm_rms_norm(const float* x, int64_t ldt, int64_t ldh, int64_t NH, const float* residual,
+                   const float* weight, float* out, float* hidden, int64_t T, int64_t H, float eps,
+                   int nthreads) {
+  const int64_t R = T * NH;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (R * H >= PARALLEL_MIN_WORK)
+  for (int64_t r = 0; r < R; r++) {
+    const float* h = x + (r / NH) * ldt + (r % NH) * ldh;
     if (residual != NULL) {
-      float* hr = hidden + t * H;
-      const float* r = residual + t * H;
-      for (int64_t i = 0; i < H; i++) hr[i] = h[i] + r[i];
+      float* hr = hidden + r * H;
+      const float* res = residual + r * H;
+      for (int64_t i = 0; i < H; i++) hr[i] = h[i] + res[i];
       h = hr;
     }
     float ss = dot(h, h, H);
     float inv = 1.f / sqrtf(ss / (float)H + eps);
-    float* o = out + t * H;
+    float* o = out + r * H;
     for (int64_t i = 0; i < H; i++) o[i] = weight[i] * (h[i] * inv);
   }
+}
+
+/* out[t] = table[ids[t]] (rows of H); -1, having written nothing, when an id is outside [0, V). */
+int xllm_embedding(const int64_t* ids, const float* table, float* out, int64_t T, int64_t H, int64_t V) {
+  for (int64_t t = 0; t < T; t++)
+    if (ids[t] < 0 || ids[t] >= V) return -1;
+  for (int64_t t = 0; t < T; t++) memcpy(out + t * H, table + ids[t] * H, (size_t)H * sizeof(float));
+  return 0;
 }
 
 static inline void rotate_head(float* x, const float* c, const float* s, int64_t half, int neox) {
@@ -292,4 +304,56 @@ void xllm_linear(const float* x, int64_t ldx, const float* w, const float* bias,
   if (bias != NULL)
     for (int64_t t = 0; t < T; t++)
       for (int64_t o = 0; o < O; o++) y[t * O + o] += bias[o];
+}
+
+/* ---- A recorded decode step (kernels.Recorder): rows of REC_WIDTH int64, the kernel's number
+   then its arguments as the Python wrapper passed them (pointers as addresses, float32 values as
+   their bits). Replaying runs them in order with no Python in between: the CPU's graph. Returns
+   -1 as soon as a checked kernel finds an index out of range (the caller then runs the step
+   eagerly, whose reference ops raise). */
+#define REC_WIDTH 20
+enum { K_RMS_NORM = 1, K_ROTARY, K_SILU_AND_MUL, K_CACHE_WRITE, K_PAGED_DECODE, K_LINEAR, K_EMBEDDING };
+
+static inline float f32_of(int64_t bits) {
+  union {
+    int32_t i;
+    float f;
+  } u;
+  u.i = (int32_t)bits;
+  return u.f;
+}
+#define P(i) ((void*)(intptr_t)a[i])
+
+int xllm_replay(const int64_t* program, int64_t n) {
+  for (int64_t r = 0; r < n; r++) {
+    const int64_t* a = program + r * REC_WIDTH;
+    switch (a[0]) {
+      case K_RMS_NORM:
+        xllm_rms_norm(P(1), a[2], a[3], a[4], P(5), P(6), P(7), P(8), a[9], a[10], f32_of(a[11]), (int)a[12]);
+        break;
+      case K_ROTARY:
+        xllm_rotary(P(1), P(2), a[3], a[4], a[5], P(6), a[7], a[8], a[9], P(10), a[11], a[12], (int)a[13]);
+        break;
+      case K_SILU_AND_MUL:
+        xllm_silu_and_mul(P(1), P(2), a[3], a[4], (int)a[5]);
+        break;
+      case K_CACHE_WRITE:
+        if (xllm_cache_write(P(1), a[2], P(3), a[4], P(5), P(6), P(7), a[8], a[9], a[10]) != 0) return -1;
+        break;
+      case K_PAGED_DECODE:
+        if (xllm_paged_decode(P(1), a[2], P(3), P(4), P(5), a[6], P(7), P(8), a[9], a[10], a[11], a[12],
+                              a[13], a[14], f32_of(a[15]), a[16], (int)a[17]) != 0)
+          return -1;
+        break;
+      case K_LINEAR:
+        xllm_linear(P(1), a[2], P(3), P(4), P(5), a[6], a[7], a[8], (int)a[9]);
+        break;
+      case K_EMBEDDING:
+        if (xllm_embedding(P(1), P(2), P(3), a[4], a[5], a[6]) != 0) return -1;
+        break;
+      default:
+        return -2;
+    }
+  }
+  return 0;
 }
