@@ -93,12 +93,31 @@ def test_the_model_decodes_as_the_plain_reference_does(tiny_llama_dir: Path) -> 
     assert got == want
 
 
-def test_int8_weights_make_the_model_replay_eagerly_and_say_why(tiny_llama_dir: Path) -> None:
-    _, llm = _decode(tiny_llama_dir, quantization="int8")
+def test_int8_weights_are_recorded_too_and_decode_as_eagerly(tiny_llama_dir: Path) -> None:
+    got, llm = _decode(tiny_llama_dir, quantization="int8")
     runner = llm.engine.runner.graph_runner
     if not isinstance(runner, CpuGraphRunner):
         pytest.skip("no C compiler here: the CPU backend runs its plain ops only")
-    assert "int8" in runner.eager_reason and not runner.is_recorded(1)
+    assert runner.eager_reason is None and runner.is_recorded(1)
+    want, _ = _decode(tiny_llama_dir, quantization="int8", use_graphs=False)
+    assert got == want
+
+
+def test_the_int8_gemm_path_is_not_recorded_and_says_so(cpu_kernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xllm.backends.cpu import quant_linear
+    from xllm.hal.backend import quantize_int8
+
+    monkeypatch.setattr(quant_linear, "_DIRECT_MAX_ROWS", 2)  # 4 rows take the GEMM path
+    q, s = quantize_int8(torch.randn(64, 64, generator=_gen(5)), 32)
+    runner = cpu_kernels.create_graph_runner(
+        lambda x: cpu_kernels.linear_int8(x, q, s, None, 32),
+        {"x": GraphInput(torch.float32, (64,))},
+        capture_sizes=[4],
+    )
+    for seed in (6, 7):
+        x = torch.randn(4, 64, generator=_gen(seed))
+        torch.testing.assert_close(runner.run(x=x), x @ (q.float() * s.repeat_interleave(32, dim=1)).T)
+    assert not runner.is_recorded(4) and "GEMM path" in runner.eager_reason
 
 
 def test_an_op_replaced_in_python_runs_even_in_recorded_buckets(monkeypatch: pytest.MonkeyPatch) -> None:

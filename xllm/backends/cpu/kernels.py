@@ -76,7 +76,7 @@ def _library() -> ctypes.CDLL | None:
             i64,
             i32,
         ],
-        "xllm_linear": [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i32],
+        "xllm_linear": [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32],
         "xllm_embedding": [ptr, ptr, ptr, i64, i64, i64],
         "xllm_replay": [ptr, i64],
     }
@@ -104,6 +104,7 @@ _KERNEL_NUMBERS = {
     "xllm_paged_decode": 5,
     "xllm_linear": 6,
     "xllm_embedding": 7,
+    "xllm_q8_linear": 8,  # from another library: the record's first argument is its address
 }
 _RECORD_WIDTH = 20
 _local = threading.local()
@@ -146,6 +147,30 @@ class recording:  # noqa: N801 - a context manager, used as `with recording() as
         _local.recorder = None
 
 
+def record_foreign_call(name: str, fn: ctypes._CFuncPtr, *args: object) -> None:
+    """Records a call of a kernel from another library (by its address; `xllm_replay` knows its
+    signature), when a recording is on."""
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder.add(name, (ctypes.cast(fn, ctypes.c_void_p).value, *args))
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = x @ weight.T`` where out may be a block of columns of a wider matrix (rows
+    ``out.stride(0)`` apart); False where the kernel does not apply. Not recorded."""
+    lib = _library()
+    if lib is None or not (_rows_f32(x) and _dense_f32(weight) and _rows_f32(out)):
+        return False
+    t, (o, i) = x.shape[0], weight.shape
+    if out.shape != (t, o) or x.shape[1] != i:
+        return False
+    lib.xllm_linear(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), None, out.data_ptr(), out.stride(0), t, o, i,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return True
+
+
 def note_foreign_kernel(name: str) -> None:
     """Called by native kernels that are not recorded (the int8 linear), so that a recording they
     ran in is not replayed without them."""
@@ -168,7 +193,8 @@ def _run(lib: ctypes.CDLL, name: str, *args: object) -> int | None:
     return getattr(lib, name)(*args)
 
 
-def _output(*shape: int) -> torch.Tensor:
+def output_buffer(*shape: int) -> torch.Tensor:
+    """A float32 output, kept alive by the recording when one is on."""
     out = torch.empty(*shape, dtype=_F32)
     recorder = getattr(_local, "recorder", None)
     if recorder is not None:
@@ -205,8 +231,8 @@ def rms_norm(
     lib = _library()
     if lib is None:
         return None
-    out = _output(*shape)
-    hidden = _output(*shape) if residual is not None else None
+    out = output_buffer(*shape)
+    hidden = output_buffer(*shape) if residual is not None else None
     _run(
         lib, "xllm_rms_norm", x.data_ptr(), x.stride(0), head_stride, heads, _ptr(residual),
         weight.data_ptr(), out.data_ptr(), _ptr(hidden), shape[0], h, eps, torch.get_num_threads(),
@@ -224,7 +250,7 @@ def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | N
     lib = _library()
     if lib is None:
         return None
-    out = _output(input_ids.shape[0], weight.shape[1])
+    out = output_buffer(input_ids.shape[0], weight.shape[1])
     status = _run(
         lib, "xllm_embedding", input_ids.data_ptr(), weight.data_ptr(), out.data_ptr(),
         input_ids.shape[0], weight.shape[1], weight.shape[0],
@@ -263,7 +289,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     if lib is None:
         return None
     t, i = x.shape[0], x.shape[1] // 2
-    out = _output(t, i)
+    out = output_buffer(t, i)
     _run(lib, "xllm_silu_and_mul", x.data_ptr(), out.data_ptr(), t, i, torch.get_num_threads())
     return out
 
@@ -316,7 +342,7 @@ def paged_decode(
         return None
     tables = block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    out = _output(b, hq, d)
+    out = output_buffer(b, hq, d)
     status = _run(
         lib, "xllm_paged_decode", q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
         tables.shape[1], lens.data_ptr(), out.data_ptr(), b, hq, hkv, d, k_cache.shape[1],
@@ -334,9 +360,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if lib is None:
         return None
     t, (o, i) = x.shape[0], weight.shape
-    out = _output(t, o)
+    out = output_buffer(t, o)
     _run(
-        lib, "xllm_linear", x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), t, o, i,
-        torch.get_num_threads(),
+        lib, "xllm_linear", x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), o, t, o,
+        i, torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -12,16 +12,18 @@ OpenMP threads torch itself uses (the kernel links the libgomp torch has loaded,
 pool). Four activation rows share each widened weight vector, which keeps small batches near the
 one-row cost.
 
-From `_DIRECT_MAX_ROWS` rows on the arithmetic dominates, and MKL's GEMM beats this kernel's dot
+From `_DIRECT_MAX_ROWS` rows on the arithmetic dominates, and a GEMM beats this kernel's dot
 products: blocks of weight rows are then dequantised by the kernel into a reused buffer that
-stays in cache and multiplied there by ``torch.mm``, so the float32 matrix never exists whole
-(measured level with float32 from 32 to 256 rows).
+stays in cache and multiplied there by the float32 GEMM of `kernels` (``torch.mm`` where that
+is not built), so the float32 matrix never exists whole (measured level with float32 from 32 to
+256 rows).
 
 The C source is compiled once per machine by `cbuild` (under a second); where there is no
 compiler or the build fails, `linear_int8` returns None and the backend falls back to the HAL's
-dequantising reference (so does ``XLLM_CPU_INT8_KERNEL=0``). The kernel accumulates in float32 like the reference, in
-another order; the conformance suite's ``linear_int8`` cases compare the two. A ctypes call is
-opaque to ``torch.compile`` (a graph break), like any foreign kernel.
+dequantising reference (so does ``XLLM_CPU_INT8_KERNEL=0``). The kernel accumulates in float32
+like the reference, in another order; the conformance suite's ``linear_int8`` cases compare the
+two. The direct kernel's calls are recorded into the CPU backend's graphs (`kernels.Recorder`);
+the GEMM path is not, so a step that takes it replays eagerly.
 """
 
 from __future__ import annotations
@@ -235,7 +237,6 @@ def linear_int8(
     lib = _library()
     if lib is None:
         return None
-    kernels.note_foreign_kernel("int8 linear")
     x = x.contiguous()
     qweight = qweight.contiguous()
     scales = scales.contiguous()
@@ -245,27 +246,22 @@ def linear_int8(
     # thread that is not scheduled at once stalls the whole call).
     threads = torch.get_num_threads() if qweight.numel() * rows >= _PARALLEL_MIN_WORK else 1
     if rows <= _DIRECT_MAX_ROWS:
-        out = torch.empty(rows, out_features, dtype=torch.float32)
+        out = kernels.output_buffer(rows, out_features)
         if bias is not None:
             bias = bias.contiguous()
-        lib.xllm_q8_linear(
-            x.data_ptr(),
-            qweight.data_ptr(),
-            scales.data_ptr(),
-            bias.data_ptr() if bias is not None else None,
-            out.data_ptr(),
-            rows,
-            out_features,
-            in_features,
-            group_size,
-            threads,
-        )
+        args = (
+            x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
+            out.data_ptr(), rows, out_features, in_features, group_size, threads,
+        )  # fmt: skip
+        kernels.record_foreign_call("xllm_q8_linear", lib.xllm_q8_linear, *args)  # part of a CPU graph
+        lib.xllm_q8_linear(*args)
         return out
-    # GEMM path: [out, rows] so that each block of weight rows fills a contiguous block of it.
-    out_t = torch.empty(out_features, rows, dtype=torch.float32)
+    kernels.note_foreign_kernel("int8 linear, GEMM path")
+    # GEMM path: each block of weight rows, dequantised into a buffer that stays in cache, fills a
+    # block of the output's columns (the float32 kernel's product where it is built, else MKL's).
+    out = torch.empty(rows, out_features, dtype=torch.float32)
     block = max(1, min(out_features, _BLOCK_BYTES // (4 * in_features)))
     buf = _block_buffer(block * in_features).view(block, in_features)
-    x_t = x.t()
     for start in range(0, out_features, block):
         n = min(block, out_features - start)
         w = buf[:n]
@@ -278,6 +274,7 @@ def linear_int8(
             group_size,
             threads,
         )
-        torch.mm(w, x_t, out=out_t[start : start + n])
-    out = out_t.t().contiguous()
+        columns = out[:, start : start + n]
+        if not kernels.linear_into(x, w, columns):
+            torch.mm(x, w.t(), out=columns)
     return out + bias if bias is not None else out
