@@ -138,3 +138,29 @@ def test_an_op_replaced_in_python_runs_even_in_recorded_buckets(monkeypatch: pyt
     monkeypatch.setattr(backend, "_linear", lambda *a: calls.append(1) or real(*a))
     torch.testing.assert_close(runner.run(x=torch.ones(1, 8)), torch.ones(1, 8) @ w.T)
     assert calls == [1]
+
+
+def test_recordings_stay_within_their_memory_and_other_steps_run_unpadded(
+    cpu_kernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xllm.backends.cpu import graphs
+
+    w = torch.randn(256, 64, generator=_gen(8))
+    seen: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return cpu_kernels.linear(x, w)
+
+    # Room for the 1-row bucket's output (1 KB) and not for the 8-row one's.
+    monkeypatch.setattr(graphs, "GRAPH_MEMORY_BYTES", 4096)
+    runner = cpu_kernels.create_graph_runner(
+        fn, {"x": GraphInput(torch.float32, (64,))}, capture_sizes=[1, 8]
+    )
+    x = torch.randn(5, 64, generator=_gen(9))
+    torch.testing.assert_close(runner.run(x=x[:1]), x[:1] @ w.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runner.run(x=x), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert runner.is_recorded(1) and not runner.is_recorded(8) and runner.eager_reason is None
+    assert seen == [1, 5]  # one recording run, then 5 rows as they are, not padded to 8
+    with pytest.raises(ValueError, match="exceeds"):
+        runner.run(x=torch.zeros(9, 64))

@@ -15,10 +15,9 @@ mode watches every ATen op: views and allocations are fine (they are pointer ari
 program has already captured), anything that computes (an op a kernel does not cover, a dtype
 conversion of an input, a collective of tensor parallelism) means the program would miss it,
 and so does another native kernel (the int8 linear) or an op replaced in Python. Then the runner
-says why, once, and
-replays eagerly like `EagerGraphRunner`, as it does for buckets above `GRAPH_MAX_ROWS`: the
-recorded buffers are kept per bucket, and past a few rows the step's GEMMs dwarf the Python
-anyway. A replay whose kernels find an index out of range stops and the step runs eagerly,
+says why, once, and runs steps eagerly, as it does for buckets past `GRAPH_MAX_ROWS` or past the
+memory the recordings may keep (`GRAPH_MEMORY_BYTES`); those steps run at their own batch size,
+unpadded. A replay whose kernels find an index out of range stops and the step runs eagerly,
 where the reference ops raise the usual error.
 """
 
@@ -36,10 +35,12 @@ from xllm.hal.graphs import EagerGraphRunner
 
 logger = logging.getLogger("xllm.backends.cpu")
 
-# Buckets up to this many rows are recorded. Their buffers are kept per bucket: at 16 rows that
-# is about 14 KB per row per layer of the 100M Llama (60 KB for a 7B Llama), all buckets up to
-# 16 together 31 rows' worth.
-GRAPH_MAX_ROWS = 16
+# Buckets up to this many rows are recorded, while the buffers they keep (each bucket its own)
+# fit in GRAPH_MEMORY_BYTES: about 14 KB per row per layer of the 100M Llama, so every bucket up
+# to 64 rows (184 rows' worth, 31 MB); about 60 KB for a 7B Llama, so the buckets up to 32. Past
+# them the GEMMs dwarf the Python a recording saves.
+GRAPH_MAX_ROWS = 64
+GRAPH_MEMORY_BYTES = 256 << 20
 
 _ALLOCATIONS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default})
 
@@ -74,8 +75,28 @@ class CpuGraphRunner(EagerGraphRunner):
     def is_recorded(self, size: int) -> bool:
         return size in self._programs
 
-    def _capture(self, size: int, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+    def _may_record(self, size: int) -> bool:
         if size > GRAPH_MAX_ROWS or self.eager_reason is not None or not self._own_ops():
+            return False
+        kept = sum(b.nbytes for buffers in self._buffers.values() for b in buffers)
+        rows = sum(self._buffers)
+        return not rows or kept + kept / rows * size <= GRAPH_MEMORY_BYTES
+
+    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """A batch whose bucket is (or will be) recorded replays it; any other runs the step
+        eagerly at its own size: padding it to the bucket would only add rows to compute."""
+        sizes = {t.shape[0] for t in inputs.values()}
+        bucket = self.bucket_for(sizes.pop()) if len(sizes) == 1 else None
+        if bucket is None or bucket in self._programs or self._may_record(bucket):
+            return super().run(**inputs)  # checks the inputs; raises for a batch past every bucket
+        if set(inputs) != set(self.static_inputs):
+            raise ValueError(
+                f"GraphRunner.run expects inputs {sorted(self.static_inputs)}, got {sorted(inputs)}"
+            )
+        return self.fn(**inputs)
+
+    def _capture(self, size: int, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        if not self._may_record(size):
             super()._capture(size, fn, inputs)
             return
         watch = _ComputeWatch()
