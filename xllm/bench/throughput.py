@@ -14,6 +14,8 @@ Without it, --num-prompts/--input-len/--output-len/--range-ratio define the work
 
 It also times a batch-1 decode step and compares it with the memory-bandwidth floor: a decode
 step must read every weight once, so ``weight bytes / measured read bandwidth`` bounds it below.
+And it times a decode step of 64 sequences against the GEMM roof: that step's matrix FLOPs at
+the best rate a model-sized GEMM reaches here (the backend's linear or torch's).
 """
 
 from __future__ import annotations
@@ -178,6 +180,61 @@ def model_weight_bytes(model) -> int:
     return sum(seen.values())
 
 
+ROOF_BATCH = 64  # the batch whose decode step is compared with the GEMM roof
+
+
+def model_matmul_flops_per_row(model) -> int:
+    """Multiply-adds x 2 one token row costs in the model's matrices (its projections and output
+    head; the embedding table, unless it is the head, is only looked up)."""
+    import torch
+
+    matrices: dict[int, int] = {}
+
+    def visit(obj, depth: int = 0) -> None:
+        if depth > 6:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.dim() == 2 and (obj.is_floating_point() or obj.dtype == torch.int8):
+                matrices[obj.data_ptr()] = obj.numel()
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, depth + 1)
+        elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+            for name in list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ())):
+                if name in ("backend", "cos_sin_cache", "config", "scales"):
+                    continue
+                visit(getattr(obj, name, None), depth + 1)
+
+    visit(model)
+    embed = getattr(model, "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    head = getattr(head, "qweight", head)
+    if isinstance(embed, torch.Tensor) and not (
+        isinstance(head, torch.Tensor) and head.data_ptr() == embed.data_ptr()
+    ):
+        matrices.pop(embed.data_ptr(), None)
+    return 2 * sum(matrices.values())
+
+
+def measure_gemm_rate(backend, hidden: int, intermediate: int, dtype, rows: int = 512) -> float:
+    """FLOP/s of the best GEMM here (the backend's linear or torch's) on a model-sized product:
+    the roof a large decode batch can approach."""
+    import torch
+
+    device = backend.device()
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    w = torch.randn(2 * intermediate, hidden, dtype=dtype, device=device)
+    best = float("inf")
+    for fn in (lambda: backend.linear(x, w), lambda: torch.nn.functional.linear(x, w)):
+        for _ in range(3):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            backend.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return 2 * rows * hidden * 2 * intermediate / best
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 29) -> float:
     """Bytes per second that a full read of a large tensor achieves (best of several runs)."""
     import torch
@@ -191,23 +248,25 @@ def measure_read_bandwidth(nbytes: int = 1 << 29) -> float:
     return nbytes / best
 
 
-def measure_decode_step(llm, steps: int = 64) -> float:
-    """Median seconds per decode step for one sequence (prompt of 32 tokens)."""
+def measure_decode_step(llm, steps: int = 64, batch: int = 1) -> float | None:
+    """Median seconds per decode step of `batch` sequences (distinct prompts of 32 tokens); None
+    when the engine never ran them all at once (too few seats or KV blocks)."""
     from xllm import SamplingParams
 
     engine = llm.engine
-    engine.add_request(
-        "bench-decode",
-        list(range(1, 33)),
-        SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True),
-    )
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"bench-decode-{i}", [5 + (i * 37 + j) % (vocab - 10) for j in range(32)], params)
     times = []
-    engine.step()  # prefill
     while engine.has_unfinished_requests():
+        decoding = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running)
+        full = engine.scheduler.num_running == batch and engine.scheduler.num_waiting == 0
         t0 = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[4:] or times)
+        if decoding and full:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[4:] or times) if times else None
 
 
 def _xllm_startup(model_path: str, dtype: str, text: str, args: argparse.Namespace) -> float:
@@ -402,6 +461,28 @@ def run(args: argparse.Namespace) -> int:
             f"decode step, batch 1: {step_s * 1e3:.2f} ms; bandwidth floor {floor_s * 1e3:.2f} ms "
             f"({weight_bytes / 1e6:.1f} MB of weights at {bandwidth / 1e9:.1f} GB/s) -> {step_s / floor_s:.2f}x the floor"
         )
+        # A large batch is bound by arithmetic: its step against the best GEMM rate here.
+        config = llm.engine.model_config
+        flops = model_matmul_flops_per_row(llm.engine.model) * ROOF_BATCH
+        rate = measure_gemm_rate(
+            llm.engine.backend, config.hidden_size, config.intermediate_size, llm.engine.model.dtype
+        )
+        roof_s = flops / rate
+        batch_s = measure_decode_step(llm, steps=16, batch=ROOF_BATCH)
+        if batch_s is None:
+            decode_line += f"\ndecode step, batch {ROOF_BATCH}: not measured (the engine cannot run {ROOF_BATCH} at once)"
+        else:
+            json_report[f"decode_batch{ROOF_BATCH}"] = {
+                "step_ms": batch_s * 1e3,
+                "roof_ms": roof_s * 1e3,
+                "ratio_to_roof": batch_s / roof_s,
+                "gflop": flops / 1e9,
+                "gemm_gflops": rate / 1e9,
+            }
+            decode_line += (
+                f"\ndecode step, batch {ROOF_BATCH}: {batch_s * 1e3:.2f} ms; GEMM roof {roof_s * 1e3:.2f} ms "
+                f"({flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s) -> {batch_s / roof_s:.2f}x the roof"
+            )
     else:
         decode_line = None
     # Peers run with xllm gone: its weights and KV cache would otherwise compete for RAM.
