@@ -162,17 +162,19 @@ async def test_stats_report_running_waiting_and_blocks(new_engine):
         )
         seen = []
 
-        async def watch(rid, prompt):
-            async for _ in engine.generate(prompt, greedy(6), rid):
+        async def watch(rid, prompt, max_tokens):
+            async for _ in engine.generate(prompt, greedy(max_tokens), rid):
                 seen.append(engine.stats())
 
-        await asyncio.gather(watch("a", PROMPTS[1]), watch("b", PROMPTS[0]))
+        # "a" runs long enough (tens of steps) for its outputs to find "b" waiting for the seat
+        # even when a step takes a millisecond.
+        await asyncio.gather(watch("a", PROMPTS[1], 48), watch("b", PROMPTS[0], 6))
         assert any(s.num_running == 1 and s.num_waiting == 1 and s.kv_blocks_used >= 3 for s in seen)
         assert all(s.num_running <= 1 for s in seen)
         await wait_idle(engine)
         done = engine.stats()
         assert (done.num_running, done.num_waiting, done.kv_blocks_used) == (0, 0, 0)
-        assert done.generation_tokens_total == 12 and 0.0 <= done.kv_cache_usage <= 1.0
+        assert done.generation_tokens_total == 54 and 0.0 <= done.kv_cache_usage <= 1.0
     finally:
         await engine.shutdown()
 

@@ -166,8 +166,9 @@ def test_the_environment_switch_turns_the_kernels_off(monkeypatch: pytest.Monkey
     ids=["avx2", "plain-c"],
 )
 def test_every_simd_variant_matches_the_plain_ops(cpu, isa_flags, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GEMV has AVX-512, AVX2/FMA and plain C bodies; the host builds one, so the others are
-    built here with the wider ISAs switched off (a no-op on hosts without them)."""
+    """The GEMM, attention, softmax and SiLU have AVX-512 bodies and AVX2/FMA or plain C ones;
+    the host builds one, so the others are built here with the wider ISAs switched off (a no-op
+    on hosts without them)."""
     monkeypatch.setattr(cbuild, "BASE_FLAGS", cbuild.BASE_FLAGS + isa_flags)
     kernels._library.cache_clear()
     try:
@@ -185,6 +186,21 @@ def test_every_simd_variant_matches_the_plain_ops(cpu, isa_flags, monkeypatch: p
         got = kernels.paged_decode(q, kc, vc, md.block_tables, md.seq_lens, md.scale, None)
         kv = torch.zeros(2, 2, 32)
         torch.testing.assert_close(got, cpu.attention(q, kv, kv, kc, vc, md), rtol=1e-5, atol=1e-5)
+        # 40 keys: whole groups of 16 and 4 and a tail, for the vector softmax and scoring.
+        long_q, tables = torch.randn(1, 4, 32, generator=g), torch.tensor([[1, 2, 3, 0, 1, 2, 3, 0, 1, 2]])
+        md = _decode_metadata([40], tables.to(torch.int32), None)
+        got = kernels.paged_decode(long_q, kc, vc, md.block_tables, md.seq_lens, md.scale, None)
+        torch.testing.assert_close(
+            got, cpu.attention(long_q, kv[:1], kv[:1], kc, vc, md), rtol=1e-5, atol=1e-5
+        )
+        gate_up = torch.randn(3, 2 * 40, generator=g) * 4  # 40: two vectors of 16 and a tail
+        torch.testing.assert_close(
+            kernels.silu_and_mul(gate_up), cpu.silu_and_mul(gate_up), rtol=1e-6, atol=1e-6
+        )
+        h, wn = torch.randn(3, 40, generator=g), torch.rand(40, generator=g)
+        torch.testing.assert_close(
+            kernels.rms_norm(h, wn, 1e-6, None), cpu.rms_norm(h, wn, 1e-6), rtol=1e-6, atol=1e-6
+        )
     finally:
         kernels._library.cache_clear()  # later tests load the host's own build again
 
