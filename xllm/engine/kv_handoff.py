@@ -215,15 +215,16 @@ class KVHandoff:
             stats = self.transfer.send(
                 destination, transfer_id, self._kv_caches(), held.block_ids[first_block:], num_tokens
             )
+            # Counted before the hold ends: once the engine has let the blocks go, the send shows.
+            self.stats.sends += 1
+            self.stats.bytes_sent += stats.bytes
+            self.stats.blocks_sent += stats.blocks
         except Exception as exc:
             self.stats.failures[_reason(exc)] += 1
             raise
         finally:
             with self._lock:
                 self._finished_sends.append(transfer_id)
-        self.stats.sends += 1
-        self.stats.bytes_sent += stats.bytes
-        self.stats.blocks_sent += stats.blocks
         return stats
 
     def release(self, transfer_id: str) -> bool:
