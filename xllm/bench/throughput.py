@@ -155,29 +155,35 @@ def agreement(reference: list[list[int]] | None, other: list[list[int]] | None) 
     return f"{same}/{len(reference)}"
 
 
-def model_weight_bytes(model) -> int:
-    """Bytes a decode step must read: every distinct weight tensor of the model once."""
+def _weight_tensors(model) -> dict[int, tuple[str, object]]:
+    """Every distinct weight tensor of the model (by address), with the attribute name it was
+    found under: floating point or int8, at least 1-D."""
     import torch
 
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
 
-    def visit(obj, depth: int = 0) -> None:
+    def visit(obj, name: str, depth: int = 0) -> None:
         if depth > 6:  # an int8 weight's tensors sit one level deeper than a float one
             return
         if isinstance(obj, torch.Tensor):
             if (obj.is_floating_point() or obj.dtype == torch.int8) and obj.dim() >= 1:
-                seen[obj.data_ptr()] = obj.numel() * obj.element_size()
+                seen[obj.data_ptr()] = (name, obj)
         elif isinstance(obj, (list, tuple)):
             for item in obj:
-                visit(item, depth + 1)
+                visit(item, name, depth + 1)
         elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
-            for name in list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ())):
-                if name in ("backend", "cos_sin_cache", "config"):
+            for attr in list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ())):
+                if attr in ("backend", "cos_sin_cache", "config"):
                     continue
-                visit(getattr(obj, name, None), depth + 1)
+                visit(getattr(obj, attr, None), attr, depth + 1)
 
-    visit(model)
-    return sum(seen.values())
+    visit(model, "model")
+    return seen
+
+
+def model_weight_bytes(model) -> int:
+    """Bytes a decode step must read: every distinct weight tensor of the model once."""
+    return sum(t.numel() * t.element_size() for _, t in _weight_tensors(model).values())
 
 
 ROOF_BATCH = 64  # the batch whose decode step is compared with the GEMM roof
@@ -185,27 +191,15 @@ ROOF_BATCH = 64  # the batch whose decode step is compared with the GEMM roof
 
 def model_matmul_flops_per_row(model) -> int:
     """Multiply-adds x 2 one token row costs in the model's matrices (its projections and output
-    head; the embedding table, unless it is the head, is only looked up)."""
+    head; the embedding table, unless it is the head, is only looked up; int8 scales are not
+    matrices)."""
     import torch
 
-    matrices: dict[int, int] = {}
-
-    def visit(obj, depth: int = 0) -> None:
-        if depth > 6:
-            return
-        if isinstance(obj, torch.Tensor):
-            if obj.dim() == 2 and (obj.is_floating_point() or obj.dtype == torch.int8):
-                matrices[obj.data_ptr()] = obj.numel()
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                visit(item, depth + 1)
-        elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
-            for name in list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ())):
-                if name in ("backend", "cos_sin_cache", "config", "scales"):
-                    continue
-                visit(getattr(obj, name, None), depth + 1)
-
-    visit(model)
+    matrices = {
+        ptr: t.numel()
+        for ptr, (name, t) in _weight_tensors(model).items()
+        if t.dim() == 2 and name != "scales"
+    }
     embed = getattr(model, "embed_tokens", None)
     head = getattr(model, "lm_head", None)
     head = getattr(head, "qweight", head)
