@@ -62,7 +62,7 @@ class CausalLM:
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert len(kv_caches) == len(self.layers), f"need one (k, v) cache per layer, got {len(kv_caches)}"
-        hidden = self.backend.embedding(input_ids, self.embed_tokens)
+        hidden = self.embed(input_ids)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
@@ -70,6 +70,10 @@ class CausalLM:
         return hidden
 
     __call__ = forward
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] (tensor parallelism overrides it: a vocabulary slice per rank)."""
+        return self.backend.embedding(input_ids, self.embed_tokens)
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

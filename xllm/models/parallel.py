@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from xllm.hal.backend import Backend
 from xllm.hal.comm import Communicator
-from xllm.hal.metadata import AttentionMetadata
 from xllm.models.causal_lm import CausalLM
 from xllm.models.config import ModelConfig
 from xllm.models.layers import DecoderLayer, Weights, project
@@ -163,23 +162,6 @@ class TensorParallelMixin:
         hidden = F.embedding(local.masked_fill(outside, 0), self.embed_tokens)
         # Exactly one rank contributes each row, the others add zeros: the sum is exact.
         return self.comm.all_reduce(hidden.masked_fill_(outside.unsqueeze(-1), 0))
-
-    @torch.no_grad()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = self.embed(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-    __call__ = forward
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import struct
 import threading
+from collections.abc import Callable
 from importlib import resources
 
 import torch
@@ -158,16 +159,10 @@ def record_foreign_call(name: str, fn: ctypes._CFuncPtr, *args: object) -> None:
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
     """``out = x @ weight.T`` where out may be a block of columns of a wider matrix (rows
     ``out.stride(0)`` apart); False where the kernel does not apply. Not recorded."""
-    lib = _library()
-    if lib is None or not (_rows_f32(x) and _dense_f32(weight) and _rows_f32(out)):
+    lib = _linear_library(x, weight, None)
+    if lib is None or not _rows_f32(out) or out.shape != (x.shape[0], weight.shape[0]):
         return False
-    t, (o, i) = x.shape[0], weight.shape
-    if out.shape != (t, o) or x.shape[1] != i:
-        return False
-    lib.xllm_linear(
-        x.data_ptr(), x.stride(0), weight.data_ptr(), None, out.data_ptr(), out.stride(0), t, o, i,
-        torch.get_num_threads(),
-    )  # fmt: skip
+    _linear_call(lib.xllm_linear, x, weight, None, out)
     return True
 
 
@@ -351,18 +346,33 @@ def paged_decode(
     return out if status == 0 else None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+def _linear_library(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The kernels' library where the linear kernel takes these operands, else None."""
     if not (_rows_f32(x) and _dense_f32(weight) and weight.dim() == 2):
         return None
     if weight.shape[1] != x.shape[1] or (bias is not None and not _dense_f32(bias)):
         return None
-    lib = _library()
+    return _library()
+
+
+def _linear_call(
+    call: Callable[..., object],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    (o, i) = weight.shape
+    call(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), out.stride(0), x.shape[0], o, i,
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    lib = _linear_library(x, weight, bias)
     if lib is None:
         return None
-    t, (o, i) = x.shape[0], weight.shape
-    out = output_buffer(t, o)
-    _run(
-        lib, "xllm_linear", x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), out.data_ptr(), o, t, o,
-        i, torch.get_num_threads(),
-    )  # fmt: skip
+    out = output_buffer(x.shape[0], weight.shape[0])
+    _linear_call(functools.partial(_run, lib, "xllm_linear"), x, weight, bias, out)
     return out
