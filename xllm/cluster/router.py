@@ -185,6 +185,10 @@ class RouterState:
         self.tokenizer_path = tokenizer_path
         self.tokenizer: Any = None
         self.members: list[Member] = []
+        # Reads of the registry started / applied: a read that started before the last applied
+        # one is stale (the poll may overlap the re-read after a role switch).
+        self._reads_started = 0
+        self._read_applied = 0
         self.drained: set[str] = set()  # ids the router was asked to drain; kept across polls
         # id -> time.time() of a failed connection: dead until its load is refreshed after that.
         self.unreachable: dict[str, float] = {}
@@ -227,7 +231,13 @@ class RouterState:
         return [(m, self.status(m, now)) for m in self.members]
 
     async def refresh(self) -> None:
-        self.members = sorted(await self.registry.members(), key=lambda m: m.info.id)
+        self._reads_started += 1
+        read = self._reads_started
+        members = sorted(await self.registry.members(), key=lambda m: m.info.id)
+        if read < self._read_applied:
+            return
+        self._read_applied = read
+        self.members = members
         live = {m.info.id for m in self.members}
         for gone in set(self.unreachable) - live:
             del self.unreachable[gone]
@@ -407,6 +417,10 @@ class RouterState:
                     502, f"Instance {instance_id!r} refused the role: {r.text[:200]}", code="role_refused"
                 )
             self.role_overrides[instance_id] = role
+            # The instance re-registered before it answered, and a poll may have caught it between
+            # its two registrations (absent): read the registry again rather than wait for the next.
+            with contextlib.suppress(Exception):
+                await self.refresh()
         finally:
             del self.switching[instance_id]
         self.metrics.role_switches.labels(instance_id, old.value, role.value, by).inc()
