@@ -151,16 +151,26 @@ class SamplingMetadata:
         max_num_logprobs: int = -1,
         banned_token_ids: list[list[int]] | None = None,
     ) -> SamplingMetadata:
-        """Builds the tensors from per-row Python lists (defaults disable each control)."""
+        """Builds the tensors from per-row Python lists (defaults disable each control).
+
+        The batch-wide flags are read from the lists, not from the tensors: on an accelerator
+        each read of a device tensor would wait for the device, several times a step."""
         n = len(temperature)
 
         def col(values, default, dtype):
-            return torch.tensor(values if values is not None else [default] * n, dtype=dtype, device=device)
+            return torch.tensor(values if values is not None else [default] * n, dtype=dtype).to(device)
+
+        def every(values, holds) -> bool:
+            return values is None or all(holds(v) for v in values)
 
         rep = col(repetition_penalty, 1.0, torch.float32)
         pres = col(presence_penalty, 0.0, torch.float32)
         freq = col(frequency_penalty, 0.0, torch.float32)
-        no_penalties = bool((rep == 1.0).all() and (pres == 0.0).all() and (freq == 0.0).all())
+        no_penalties = (
+            every(repetition_penalty, lambda v: v == 1.0)
+            and every(presence_penalty, lambda v: v == 0.0)
+            and every(frequency_penalty, lambda v: v == 0.0)
+        )
         prompt_t = output_t = None
         if not no_penalties:
             if vocab_size is None:
@@ -172,7 +182,7 @@ class SamplingMetadata:
         tp = col(top_p, 1.0, torch.float32)
         mp = col(min_p, 0.0, torch.float32)
         pairs = [(i, t) for i, ids in enumerate(banned_token_ids or []) for t in ids]
-        banned = torch.tensor(pairs, dtype=torch.int64, device=device) if pairs else None
+        banned = torch.tensor(pairs, dtype=torch.int64).to(device) if pairs else None
         return cls(
             temperature=temp,
             top_k=tk,
@@ -187,11 +197,11 @@ class SamplingMetadata:
             output_token_ids=output_t,
             max_num_logprobs=max_num_logprobs,
             banned=banned,
-            all_greedy=bool((temp == 0).all()),
+            all_greedy=all(t == 0 for t in temperature),
             no_penalties=no_penalties,
-            no_top_k=bool((tk <= 0).all()),
-            no_top_p=bool((tp >= 1.0).all()),
-            no_min_p=bool((mp <= 0.0).all()),
+            no_top_k=every(top_k, lambda v: v <= 0),
+            no_top_p=every(top_p, lambda v: v >= 1.0),
+            no_min_p=every(min_p, lambda v: v <= 0.0),
         )
 
 
