@@ -41,6 +41,8 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     "max_consecutive_step_failures": (["--max-consecutive-step-failures", "5"], 5),
     "num_speculative_tokens": (["--num-speculative-tokens", "4"], 4),
     "speculative_ngram_max": (["--speculative-ngram-max", "2"], 2),
+    "speculative_model": (["--speculative-model", "/draft", "--num-speculative-tokens", "2"], "/draft"),
+    "async_scheduling": (["--async-scheduling"], True),
 }
 
 
@@ -71,9 +73,14 @@ def test_no_flags_give_the_config_defaults() -> None:
     assert config_from([]) == EngineConfig()
 
 
+# Each refuses a flag of the rest (tensor parallelism, speculation): checked one at a time above.
+EXCLUSIVE = {"speculative_model", "async_scheduling"}
+
+
 def test_all_flags_at_once_and_the_long_boolean_spellings() -> None:
-    config = config_from([arg for argv, _ in NON_DEFAULT.values() for arg in argv])
-    assert {f: getattr(config, f) for f in NON_DEFAULT} == {f: want for f, (_, want) in NON_DEFAULT.items()}
+    together = {f: case for f, case in NON_DEFAULT.items() if f not in EXCLUSIVE}
+    config = config_from([arg for argv, _ in together.values() for arg in argv])
+    assert {f: getattr(config, f) for f in together} == {f: want for f, (_, want) in together.items()}
     config = config_from(["--no-enable-prefix-caching", "--no-use-graphs", "--no-enable-chunked-prefill"])
     assert not (config.enable_prefix_caching or config.use_graphs or config.enable_chunked_prefill)
     config = config_from(["--no-graphs", "--graphs", "--prefix-caching"])  # the last one wins
@@ -105,9 +112,9 @@ def test_bad_values_are_argparse_errors(argv, message, capsys) -> None:
 
 @pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "hi"], ["bench", "throughput"]])
 def test_serve_generate_and_bench_take_every_engine_flag(command) -> None:
-    argv = [arg for flags, _ in NON_DEFAULT.values() for arg in flags]
-    args = build_parser().parse_args([*command, *argv])
-    kwargs = engine_kwargs(args)
-    assert {f: getattr(EngineConfig(**kwargs), f) for f in NON_DEFAULT} == {
-        f: want for f, (_, want) in NON_DEFAULT.items()
-    }
+    groups = [{f: case for f, case in NON_DEFAULT.items() if f not in EXCLUSIVE}]
+    groups += [{f: NON_DEFAULT[f]} for f in sorted(EXCLUSIVE)]
+    for together in groups:
+        argv = [arg for flags, _ in together.values() for arg in flags]
+        config = EngineConfig(**engine_kwargs(build_parser().parse_args([*command, *argv])))
+        assert {f: getattr(config, f) for f in together} == {f: want for f, (_, want) in together.items()}

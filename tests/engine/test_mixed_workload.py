@@ -3,7 +3,8 @@
 One workload (shared prefixes, n > 1, seeded sampling, logprobs and prompt logprobs) runs on a
 roomy engine with none of those mechanisms in play, then twice on a cramped one: a 24-token
 step budget (every long prompt is chunked), 16 KV blocks (sequences are preempted and
-recomputed) and prefix caching (the second run adopts the first run's blocks).
+recomputed) and prefix caching (the second run adopts the first run's blocks), and once more with
+async scheduling, where preemption and finishes happen while the step before is still running.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ def assert_same(got, want) -> None:
                 assert all(abs(ge[t].logprob - we[t].logprob) < 1e-4 for t in ge)
 
 
-@pytest.mark.parametrize("use_graphs", [True, False])
-def test_cramped_engine_matches_roomy_engine(make_llm, use_graphs):
+@pytest.mark.parametrize(
+    ("use_graphs", "async_scheduling"),
+    [(True, False), (False, False), (True, True)],
+    ids=["graphs", "eager", "async"],
+)
+def test_cramped_engine_matches_roomy_engine(make_llm, use_graphs, async_scheduling):
     prompts, params = workload()
     roomy = make_llm(kv_blocks=512, enable_prefix_caching=False, max_num_batched_tokens=4096)
     want = roomy.generate(prompts, params, use_tqdm=False)
@@ -76,7 +81,9 @@ def test_cramped_engine_matches_roomy_engine(make_llm, use_graphs):
     assert len({tuple(c.token_ids) for c in want[1].outputs}) == 1  # greedy samples agree
     assert len({tuple(c.token_ids) for c in want[5].outputs}) == 2  # seeded samples differ
 
-    cramped = make_llm(kv_blocks=16, max_num_batched_tokens=24, use_graphs=use_graphs)
+    cramped = make_llm(
+        kv_blocks=16, max_num_batched_tokens=24, use_graphs=use_graphs, async_scheduling=async_scheduling
+    )
     assert_same(cramped.generate(prompts, params, use_tqdm=False), want)
     assert cramped.engine.scheduler.num_preemptions > 0, "16 blocks did not force preemption"
     again = cramped.generate(prompts, params, use_tqdm=False)

@@ -28,12 +28,12 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(10, 500) for _ in range(rng.randint(4, 40))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("batch", [1, 6])
-def test_speculative_greedy_equals_plain_greedy(make_llm, batch: int) -> None:
+@pytest.mark.parametrize(("batch", "use_graphs"), [(1, True), (6, True), (6, False)])
+def test_speculative_greedy_equals_plain_greedy(make_llm, batch: int, use_graphs: bool) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     prompts = _prompts(batch)
     plain = make_llm().generate(prompts, params, use_tqdm=False)
-    spec_llm = make_llm(num_speculative_tokens=4)
+    spec_llm = make_llm(num_speculative_tokens=4, use_graphs=use_graphs)
     spec = spec_llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(plain, spec, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
@@ -41,6 +41,28 @@ def test_speculative_greedy_equals_plain_greedy(make_llm, batch: int) -> None:
         assert b.outputs[0].finish_reason == a.outputs[0].finish_reason
     stats = spec_llm.engine.stats()
     assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens > 0  # it really speculated
+
+
+def test_verify_steps_replay_the_decode_graphs(make_llm, monkeypatch) -> None:
+    """A verifying step runs each of its tokens as a decode row of the graph bucket, so after the
+    prefill nothing runs eagerly."""
+    llm = make_llm(num_speculative_tokens=4)
+    runner = llm.engine.runner
+    eager_steps: list[int] = []
+    real = runner._forward_eager
+
+    def counting(inputs):
+        eager_steps.append(len(inputs.input_ids))
+        return real(inputs)
+
+    monkeypatch.setattr(runner, "_forward_eager", counting)
+    prompt = _prompts(1, seed=1)
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True), use_tqdm=False
+    )
+    assert llm.engine.stats().spec_accepted_tokens > 0
+    assert eager_steps == [len(prompt[0])]  # the prefill alone
+    assert len(out[0].outputs[0].token_ids) == 48
 
 
 def test_stops_inside_a_verified_run_end_where_plain_decoding_ends(make_llm) -> None:

@@ -104,6 +104,14 @@ class EngineConfig(BaseModel):
     capture_sizes: list[int] | None = Field(
         None, description="batch sizes to capture decode graphs for (default: the backend's)"
     )
+    # One step in flight: while the device runs step N, the host schedules step N+1 (the tokens
+    # N is sampling stand as placeholders) and afterwards turns N's tokens into outputs while
+    # N+1 runs. Greedy output is unchanged.
+    async_scheduling: bool = Field(
+        False,
+        description="schedule step N+1 while step N runs, and launch it before N's outputs are "
+        "built (as vLLM's async scheduling; not with speculative decoding or tensor parallelism)",
+    )
     tokenizer: str | None = Field(None, description="tokenizer directory (default: the model directory)")
     backend_options: dict[str, object] = Field(
         default_factory=dict,
@@ -132,10 +140,17 @@ class EngineConfig(BaseModel):
         ge=0,
         le=32,
         description="speculative decoding: draft up to this many tokens per step by n-gram prompt "
-        "lookup and verify them in one pass (greedy requests; 0: off)",
+        "lookup (or speculative_model) and verify them in one pass (greedy requests; 0: off)",
     )
     speculative_ngram_max: int = Field(
         3, ge=1, le=16, description="longest n-gram the prompt lookup matches (it tries down to 1)"
+    )
+    # A draft model instead of the n-gram lookup: a smaller checkpoint with the target's
+    # vocabulary guesses greedily, with its own KV cache (`xllm.engine.draft_model`).
+    speculative_model: str | None = Field(
+        None,
+        description="speculative decoding: checkpoint directory of a draft model (same vocabulary as "
+        "the target) that guesses the num_speculative_tokens tokens instead of n-gram lookup",
     )
 
     @field_validator("backend", mode="before")
@@ -171,6 +186,32 @@ class EngineConfig(BaseModel):
                 "backend_options apply to a backend opened by name; a Backend instance is already "
                 "built, so pass its options to its constructor instead"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _draft_model_needs_tokens(self) -> EngineConfig:
+        if self.speculative_model is None:
+            return self
+        if self.num_speculative_tokens < 1:
+            raise ValueError(
+                "speculative_model needs num_speculative_tokens >= 1 (how many tokens the draft "
+                "model guesses per step)"
+            )
+        if self.tensor_parallel_size > 1:
+            raise ValueError(
+                "speculative_model is not supported with tensor_parallel_size > 1; use n-gram "
+                "speculation (drop speculative_model) or tensor_parallel_size 1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _async_scheduling_alone(self) -> EngineConfig:
+        # A speculative step's token count is known only after the step before it has run, and a
+        # tensor-parallel step is driven through worker processes that run one step at a time.
+        if self.async_scheduling and self.num_speculative_tokens:
+            raise ValueError("async_scheduling cannot be combined with speculative decoding")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1")
         return self
 
     @model_validator(mode="after")

@@ -8,10 +8,12 @@ names, opened through the registry, or a `Backend` instance the caller passed in
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from xllm.engine.faults import StepFaults, describe
 from xllm.engine.kv_cache_manager import KVCacheManager
 from xllm.engine.kv_cache_sizing import log_kv_cache_plan, plan_kv_cache
 from xllm.engine.kv_handoff import HandoffStats, KVHandoff, KVSource
-from xllm.engine.model_runner import ModelRunner, SampledToken
+from xllm.engine.model_runner import ModelRunner, SampledToken, StepInputs, StepResult, prepare_inputs
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import ScheduledSequence, Scheduler
@@ -38,6 +40,18 @@ _SEED_BITS = 63
 MAX_SPEC_BACKOFF = 64  # output tokens a sequence goes without guesses after misses in a row
 
 PromptInput = str | list[int] | dict
+
+# Async scheduling: the token a step in flight is sampling, until it is known. Out of every
+# vocabulary, so a placeholder that leaked into a forward pass would fail its embedding lookup.
+PLACEHOLDER_TOKEN = -1
+
+
+@dataclass(slots=True)
+class _StepInFlight:
+    """A step launched on the step thread (async scheduling) whose results are not applied yet."""
+
+    scheduled: list[ScheduledSequence]
+    result: Future[StepResult]
 
 
 @dataclass(slots=True)
@@ -138,6 +152,25 @@ class LLMEngine:
                 capture_sizes=config.capture_sizes,
                 eos_token_ids=self.eos_token_ids,
             )
+        self.draft_proposer = None  # speculative_model: a draft model guesses (see _draft_tokens)
+        if config.speculative_model is not None:  # the config rules out tensor parallelism here
+            from xllm.engine.draft_model import DraftModelProposer
+
+            k = config.num_speculative_tokens
+            # Room for every sequence slot at full length plus its guesses, never more than the
+            # target's own cache (a draft model's blocks are smaller, so this costs less memory).
+            per_seq = -(-(self.max_model_len + k) // config.block_size)
+            self.draft_proposer = DraftModelProposer(
+                self.backend,
+                config.speculative_model,
+                self.model.dtype,
+                block_size=config.block_size,
+                num_blocks=min(config.max_num_seqs * per_seq, self.kv_cache.num_blocks),
+                max_model_len=self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                target_vocab_size=mc.vocab_size,
+                use_graphs=config.use_graphs,
+            )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._seq_ids = itertools.count()
@@ -149,6 +182,11 @@ class LLMEngine:
         # Prefill/decode hand-off; its transfer engine (a listening socket) starts on first use.
         self.handoff = KVHandoff(self.backend, self.kv_cache, lambda: self.kv_caches)
         self._received: list[Sequence] = []  # prompt KV received, waiting for a free seat
+        # Async scheduling: one step runs on this thread while the engine's thread schedules the
+        # next one and builds the outputs of the last (see _step_async).
+        # Started on the first async step; the config may be switched between runs (the bench does).
+        self._step_thread: ThreadPoolExecutor | None = None
+        self._in_flight: _StepInFlight | None = None
 
     def _choose_dtype(self, model_path: str) -> torch.dtype:
         """dtype="auto": the checkpoint's dtype where the backend computes it natively, else
@@ -375,7 +413,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests to run, or KV held for (or on its way from) another instance to look after."""
-        return bool(self.requests) or self.handoff.has_work()
+        return bool(self.requests) or self.handoff.has_work() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that advanced or finished.
@@ -386,31 +424,49 @@ class LLMEngine:
         self.faults.check_alive()
         if self.handoff.has_work() or self._received:
             self._admit_received()
+        if self.config.async_scheduling or self._in_flight is not None:
+            return self._step_async()
         drafted = self._draft_tokens() if self.config.num_speculative_tokens else []
         sched = self.scheduler.schedule()
         if drafted:
             self._fit_drafts(drafted, sched.scheduled)
         if sched.is_empty:
-            if self.handoff.receiving:  # only transfers to wait for: do not spin
-                self.handoff.wait(0.005)
-            elif self.handoff.held and not self.requests:
-                self.handoff.wait(0.02)
-            return []
-        now = time.monotonic()
-        for item in sched.scheduled:
-            m = item.seq.request.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
+            return self._idle()
+        self._mark_scheduled(sched.scheduled)
         try:
             result = self.runner.execute(sched.scheduled)
         except Exception as exc:
             return self._step_failed(exc, sched.scheduled)
         self.faults.record_success()
+        return self._outputs(self._apply_step(sched.scheduled, result, launched=False))
+
+    def _idle(self) -> list[RequestOutput]:
+        if self.handoff.receiving:  # only transfers to wait for: do not spin
+            self.handoff.wait(0.005)
+        elif self.handoff.held and not self.requests:
+            self.handoff.wait(0.02)
+        return []
+
+    @staticmethod
+    def _mark_scheduled(scheduled: list[ScheduledSequence]) -> None:
+        now = time.monotonic()
+        for item in scheduled:
+            m = item.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+
+    def _apply_step(
+        self, scheduled: list[ScheduledSequence], result: StepResult, launched: bool
+    ) -> dict[str, Request]:
+        """Applies a step's results to its sequences; returns the requests that advanced.
+
+        `launched`: the step went through `_launch`, which advanced the sequences already and
+        left a placeholder where each samples its token."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        verified = result.verified or [None] * len(sched.scheduled)
+        verified = result.verified or [None] * len(scheduled)
         for item, sampled, prompt_lp, checked in zip(
-            sched.scheduled, result.sampled, result.prompt_logprobs, verified, strict=True
+            scheduled, result.sampled, result.prompt_logprobs, verified, strict=True
         ):
             seq = item.seq
             request = seq.request
@@ -418,7 +474,14 @@ class LLMEngine:
                 self._accept_drafts(seq, checked, now)
                 touched[request.request_id] = request
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
+            if not launched:
+                seq.num_computed_tokens += item.num_new_tokens
+            elif seq.is_finished:  # aborted while its step ran; its blocks are free already
+                continue
+            elif sampled is not None:
+                assert seq.token_ids[-1] == PLACEHOLDER_TOKEN and seq.num_pending == 1
+                seq.token_ids.pop()
+                seq.num_pending = 0
             self.kv_cache.commit_computed_blocks(seq)
             if prompt_lp is not None:
                 request.add_prompt_logprobs(prompt_lp)
@@ -429,21 +492,87 @@ class LLMEngine:
                     self._fork_siblings(seq)
                 self._append_token(seq, sampled, now)
                 touched[request.request_id] = request
+        return touched
+
+    def _outputs(self, touched: dict[str, Request]) -> list[RequestOutput]:
         outputs = [self._make_output(r) for r in touched.values()]
         for r in touched.values():
             if r.is_finished:
                 self.requests.pop(r.request_id, None)
         return outputs
 
+    # ------------------------------------------------------------------ async scheduling
+
+    def _step_async(self) -> list[RequestOutput]:
+        """One step with the next one overlapped (`async_scheduling`).
+
+        Step N runs on the step thread while this thread schedules step N+1: each sequence N
+        samples for carries a placeholder token, so the scheduler allocates and orders as if N
+        were done. Then N's tokens replace the placeholders (and finish what they finish), N+1
+        is launched without the finished ones, and N's outputs are built while N+1 runs. Steps
+        run one after another on one thread, so blocks freed while a step runs are rewritten
+        only by later steps, and the tokens are exactly those of the synchronous engine.
+        """
+        if self._in_flight is None:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return self._idle()
+            self._mark_scheduled(sched.scheduled)
+            self._in_flight = self._launch(sched.scheduled)
+        # Switched off (between runs) with a step in flight: finish that one, launch nothing more.
+        ahead = self.scheduler.schedule().scheduled if self.config.async_scheduling else []
+        ahead_inputs = prepare_inputs(ahead, self.block_size) if ahead else None
+        done, self._in_flight = self._in_flight, None
+        try:
+            result = done.result.result()
+        except Exception as exc:
+            return self._step_failed(exc, done.scheduled)  # the step ahead is scheduled again
+        self.faults.record_success()
+        touched = self._apply_step(done.scheduled, result, launched=True)
+        live = [item for item in ahead if item.seq.status is SequenceStatus.RUNNING]
+        if live:
+            self._mark_scheduled(live)
+            self._in_flight = self._launch(live, ahead_inputs if len(live) == len(ahead) else None)
+        return self._outputs(touched)
+
+    def _launch(self, scheduled: list[ScheduledSequence], inputs: StepInputs | None = None) -> _StepInFlight:
+        """Starts a step on the step thread and advances its sequences as if it were done.
+
+        `inputs`: prepared while the step before ran, whose sampled tokens are now filled in;
+        prepared again when rows were dropped or prompt logprobs were counted (both changed
+        since)."""
+        if inputs is None or inputs.prompt_lp_rows:
+            inputs = prepare_inputs(scheduled, self.block_size)
+        else:
+            _fill_placeholders(inputs, scheduled)
+        # The step thread reads these while this thread grows the tables for the next step.
+        inputs.block_tables = [list(table) for table in inputs.block_tables]
+        # Read now: the steps and histories of the sequences move on before the step samples.
+        sampling = self.runner.sampling_metadata(inputs.sampling_seqs) if inputs.sampling_seqs else None
+        if self._step_thread is None:
+            self._step_thread = ThreadPoolExecutor(1, "xllm-step")
+        result = self._step_thread.submit(self.runner.execute_prepared, inputs, scheduled, True, sampling)
+        for item in scheduled:
+            seq = item.seq
+            samples = item.completes_context
+            seq.num_computed_tokens += item.num_new_tokens
+            if samples:
+                seq.token_ids.append(PLACEHOLDER_TOKEN)
+                seq.num_pending = 1
+        return _StepInFlight(scheduled, result)
+
     # ------------------------------------------------------------------ speculative decoding
 
     def _draft_tokens(self) -> list[Sequence]:
-        """Appends n-gram guesses to the running greedy sequences (see `spec_decode`)."""
+        """Appends guesses to the running greedy sequences: the draft model's when there is one
+        (one batched call, see `draft_model`), else n-gram lookup's (see `spec_decode`)."""
         k = self.config.num_speculative_tokens
         drafted: list[Sequence] = []
         # Guesses must never cost another request its blocks (a preemption): only with room.
         if self.kv_cache.num_free_blocks < 2 * self.scheduler.num_running:
             return drafted
+        eligible: list[Sequence] = []
+        ks: list[int] = []
         for seq in self.scheduler.running:
             if seq.status is not SequenceStatus.RUNNING or not can_speculate(seq):
                 continue
@@ -451,7 +580,15 @@ class LLMEngine:
                 continue
             # Never guess past what the request may still produce: max_tokens and the context.
             room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-            draft = propose_ngram(seq.token_ids, min(k, room), self.config.speculative_ngram_max)
+            if room > 0:
+                eligible.append(seq)
+                ks.append(min(k, room))
+        if self.draft_proposer is not None:
+            drafts = self.draft_proposer.propose(eligible, ks) if eligible else []
+        else:
+            n = self.config.speculative_ngram_max
+            drafts = [propose_ngram(seq.token_ids, k_seq, n) for seq, k_seq in zip(eligible, ks, strict=True)]
+        for seq, draft in zip(eligible, drafts, strict=True):
             if draft:
                 seq.token_ids += draft
                 seq.num_draft = len(draft)
@@ -577,6 +714,11 @@ class LLMEngine:
             return self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.num_pending:  # aborted while a step samples its next token: that token is dropped
+            del seq.token_ids[len(seq.token_ids) - seq.num_pending :]
+            seq.num_pending = 0
+        if self.draft_proposer is not None:
+            self.draft_proposer.release(seq)
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         if not isinstance(stop_reason, str):  # a stop string cut the text; otherwise it is all there
@@ -658,3 +800,15 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return {int(i) for i in ids}
+
+
+def _fill_placeholders(inputs: StepInputs, scheduled: list[ScheduledSequence]) -> None:
+    """Puts the tokens that the previous step sampled into the rows prepared before they were known."""
+    ids = inputs.input_ids
+    starts = inputs.query_start_loc
+    for row, token in enumerate(ids):
+        if token == PLACEHOLDER_TOKEN:
+            seq = scheduled[bisect.bisect_right(starts, row) - 1].seq
+            ids[row] = seq.token_ids[inputs.positions[row]]
+            if ids[row] == PLACEHOLDER_TOKEN:
+                raise RuntimeError(f"sequence {seq.seq_id} was launched before its previous token was known")

@@ -163,17 +163,23 @@ class ModelRunner:
         return self.execute_prepared(self._prepare_inputs(scheduled), scheduled)
 
     def execute_prepared(
-        self, inputs: StepInputs, scheduled: list[ScheduledSequence], sample: bool = True
+        self,
+        inputs: StepInputs,
+        scheduled: list[ScheduledSequence],
+        sample: bool = True,
+        sampling: SamplingMetadata | None = None,
     ) -> StepResult | None:
         """`execute` after `_prepare_inputs`: a tensor-parallel worker gets `inputs` from the
         driver. `sample=False` (the ranks other than 0) runs the forward pass only, whose
-        collectives every rank must join, and returns None."""
+        collectives every rank must join, and returns None. `sampling`: the sampled rows'
+        metadata, built beforehand by `sampling_metadata` (async scheduling builds it before the
+        sequences move on to the next step)."""
         logits, prompt_logits, verify_logits = self._forward(inputs)
         if not sample:
             return None
         sampled: list[SampledToken | None] = [None] * len(scheduled)
         if inputs.sampling_seqs:
-            tokens = self._sample(logits, inputs.sampling_seqs)
+            tokens = self._sample(logits, inputs.sampling_seqs, sampling)
             for i, token in zip(inputs.sample_indices, tokens, strict=True):
                 sampled[i] = token
         prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(scheduled)
@@ -204,13 +210,12 @@ class ModelRunner:
         the largest bucket, prompt logprobs, which need every row's logits) runs eagerly.
         """
         runner = self.graph_runner
-        if (
-            inputs.all_decodes
-            and runner is not None
-            and runner.bucket_for(inputs.num_seqs) is not None
-            and not inputs.prompt_lp_rows
-        ):
+        if runner is None or inputs.prompt_lp_rows:
+            return self._forward_eager(inputs)
+        if inputs.all_decodes and runner.bucket_for(inputs.num_seqs) is not None:
             return self._replay_decode(inputs), None, None
+        if inputs.verify_rows and runner.bucket_for(len(inputs.input_ids)) is not None:
+            return self._replay_rows(inputs)
         return self._forward_eager(inputs)
 
     def _replay_decode(self, inputs: StepInputs) -> torch.Tensor:
@@ -225,6 +230,28 @@ class ModelRunner:
         if len(inputs.sample_rows) != inputs.num_seqs:
             logits = logits[torch.tensor(inputs.sample_rows, device=self.device)]
         return logits
+
+    def _replay_rows(self, inputs: StepInputs) -> tuple[torch.Tensor | None, None, torch.Tensor]:
+        """A step verifying draft tokens, through the decode graphs: each token becomes a row of
+        its own that attends to its sequence's first `position + 1` tokens. Every layer writes
+        the whole step's KV before it attends, so the rows of one sequence see each other's
+        keys as a causal chunk would."""
+        qsl = inputs.query_start_loc
+        tables = [
+            table
+            for table, a, b in zip(inputs.block_tables, qsl[:-1], qsl[1:], strict=True)
+            for _ in range(b - a)
+        ]
+        logits = self.graph_runner.run(
+            input_ids=self._tensor(inputs.input_ids, torch.int64),
+            positions=self._tensor(inputs.positions, torch.int64),
+            slot_mapping=self._tensor(inputs.slot_mapping, torch.int64),
+            seq_lens=self._tensor([p + 1 for p in inputs.positions], torch.int32),
+            block_tables=_block_tables(tables, self.max_blocks_per_seq).to(self.device),
+        )
+        sampled = logits[self._tensor(inputs.sample_rows, torch.int64)] if inputs.sample_rows else None
+        verify = logits[self._tensor([r for _, rows in inputs.verify_rows for r in rows], torch.int64)]
+        return sampled, None, verify
 
     def _forward_eager(
         self, inputs: StepInputs
@@ -271,11 +298,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+    def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+        """What the sampler needs of `seqs` (their params, seeds, steps, penalty histories and
+        min_tokens bans), read from the sequences as they are now."""
         params = [s.params for s in seqs]
         any_penalty = any(p.uses_penalties for p in params)
-        max_lp = max((p.logprobs if p.logprobs is not None else -1) for p in params)
-        metadata = SamplingMetadata.from_lists(
+        return SamplingMetadata.from_lists(
             temperature=[p.temperature for p in params],
             top_k=[p.top_k for p in params],
             top_p=[p.top_p for p in params],
@@ -288,10 +316,16 @@ class ModelRunner:
             prompt_token_ids=[s.prompt_token_ids for s in seqs] if any_penalty else None,
             output_token_ids=[s.output_token_ids for s in seqs] if any_penalty else None,
             vocab_size=self.vocab_size,
-            max_num_logprobs=max_lp,
+            max_num_logprobs=max((p.logprobs if p.logprobs is not None else -1) for p in params),
             banned_token_ids=self._min_tokens_bans(seqs),
             device=self.device,
         )
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], metadata: SamplingMetadata | None = None
+    ) -> list[SampledToken]:
+        metadata = metadata if metadata is not None else self.sampling_metadata(seqs)
+        max_lp = metadata.max_num_logprobs
         out = self.backend.sample(logits, metadata)
         token_ids = out.sampled_token_ids.tolist()
         if max_lp < 0:

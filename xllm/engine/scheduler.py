@@ -121,6 +121,8 @@ class Scheduler:
         evicted = len(out.preempted) > seats_freed
         while self.waiting and budget > 0 and not evicted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token still being sampled: its prompt is not known yet
+                break
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens

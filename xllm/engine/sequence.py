@@ -50,6 +50,9 @@ class Sequence:
     # Guessed tokens at the end of `token_ids` for this step's verification (speculative
     # decoding); removed again before the step's results are applied.
     num_draft: int = 0
+    # Async scheduling: placeholder tokens at the end of `token_ids` that a step in flight is
+    # sampling; the scheduler counts them, nothing else may read them (see LLMEngine._launch).
+    num_pending: int = 0
     # Guessing pauses after guesses that all missed (until this many output tokens), for longer
     # each time in a row: text that does not repeat costs a verification step for nothing.
     spec_resume_at: int = 0
@@ -65,7 +68,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def prompt_token_ids(self) -> list[int]:
