@@ -61,7 +61,7 @@ def test_silu_and_mul_and_linear(cpu, cpu_kernels) -> None:
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), cpu.silu_and_mul(x), rtol=1e-6, atol=1e-6)
     # Weight rows not a multiple of the 4-row tile, inputs not a multiple of the vector width.
     w, b = torch.randn(83, 100, generator=g), torch.randn(83, generator=g)
-    for rows in (1, 2, 5, 8, 33):
+    for rows in (1, 2, 3, 4, 5, 6, 8, 33):  # each small-batch tile, then the wide ones
         a = torch.randn(rows, 100, generator=g)
         torch.testing.assert_close(cpu_kernels.linear(a, w, b), cpu.linear(a, w, b), rtol=1e-5, atol=1e-5)
     # Rows of x as a strided view (a slice of a wider matrix).
@@ -175,8 +175,10 @@ def test_every_simd_variant_matches_the_plain_ops(cpu, isa_flags, monkeypatch: p
         if not kernels.available():
             pytest.skip("no C compiler here")
         g = _gen(13)
-        w, x = torch.randn(83, 100, generator=g), torch.randn(9, 100, generator=g)
-        torch.testing.assert_close(kernels.linear(x, w, None), cpu.linear(x, w, None), rtol=1e-5, atol=1e-5)
+        w = torch.randn(83, 100, generator=g)
+        for rows in (1, 3, 9):
+            x = torch.randn(rows, 100, generator=g)
+            torch.testing.assert_close(kernels.linear(x, w, None), cpu.linear(x, w, None), rtol=1e-5, atol=1e-5)
         q, kc, vc = (
             torch.randn(2, 4, 32, generator=g),
             torch.randn(4, 4, 2, 32, generator=g),
