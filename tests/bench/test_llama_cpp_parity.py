@@ -52,12 +52,12 @@ def test_batched_path_decodes_like_xllm(tiny_llama_dir, tmp_path) -> None:
     rng = random.Random(2)
     prompts = [[rng.randrange(5, 512) for _ in range(n)] for n in (9, 30, 21, 4)]
     lens = [8, 3, 8, 6]
-    single, _ = generate_batched(path, prompts[:1], lens[:1], n_threads=2)
+    [(single, _)] = generate_batched(path, prompts[:1], lens[:1], n_threads=2)
     assert single == [generate(load(path, n_ctx=64, n_threads=2), prompts[0], lens[0])]
 
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB")
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lens]
     ours = [list(r.outputs[0].token_ids) for r in llm.generate(prompts, params, use_tqdm=False)]
-    theirs, _ = generate_batched(path, prompts, lens, n_threads=2)
+    [(theirs, _)] = generate_batched(path, prompts, lens, n_threads=2)
     assert [len(t) for t in theirs] == lens
     assert [t[:3] for t in theirs] == [o[:3] for o in ours]

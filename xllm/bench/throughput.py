@@ -8,6 +8,10 @@ left padding, as vLLM's benchmark runs its HF baseline), llama.cpp (llama-cpp-py
 written from the same safetensors) and vLLM (a subprocess under its own Python). A peer that is
 not installed is skipped with one line saying how to install it.
 
+``--repeats N`` runs each engine's measured workload N times after its warm-up and reports the
+best (minimum) time, as `timeit` does: on a shared host a single run per engine lets ratios swing
+by 15% between invocations. Greedy runs must agree token for token; the JSON keeps every time.
+
 ``--workload`` picks one row of issue 15's table: ``decode1``, ``batch64``, ``ragged64`` or
 ``startup`` (process start to first token: `xllm generate` and each peer in a fresh process).
 Without it, --num-prompts/--input-len/--output-len/--range-ratio define the workload.
@@ -29,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from xllm.bench.peers import PEER_NAMES, PeerContext, PeerResult, get_peers, time_to_first_token
+from xllm.bench.peers import PEER_NAMES, PeerContext, PeerResult, best_of, get_peers, time_to_first_token
 from xllm.bench.workloads import WORKLOADS, Workload, make_workload, spec_from_lengths
 from xllm.cli.engine_args import add_engine_arguments, engine_kwargs
 from xllm.dtypes import canonical_dtype_name
@@ -58,6 +62,13 @@ def parse_compare(text: str) -> list[str]:
     return names
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
@@ -82,6 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PEERS",
         help=f"comma-separated peers to run on the same workload: {', '.join(PEER_NAMES)}, or none",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run each engine's measured workload N times after its warm-up and report the best "
+        "(minimum) time, as timeit does; the startup workload ignores it (one fresh process each)",
     )
     p.add_argument(
         "--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)"
@@ -134,20 +153,24 @@ class Report:
     rows: list[PeerRow] = field(default_factory=list)
 
 
-def run_xllm(llm, workload: Workload) -> PeerResult:
+def run_xllm(llm, workload: Workload, repeats: int = 1) -> PeerResult:
+    """`repeats` timed `LLM.generate` calls over the workload; the best time (see `best_of`)."""
     from xllm import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in workload.output_lens]
-    # Every run computes its prompts: a rerun of the same workload (with and without speculation
-    # or async scheduling) must not find them in the prefix cache.
-    llm.engine.kv_cache.reset_prefix_cache()
-    start = time.perf_counter()
-    results = llm.generate(workload.prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    token_ids = [list(r.outputs[0].token_ids) for r in results]
-    produced = sum(len(t) for t in token_ids)
-    assert produced == workload.output_tokens, "xllm produced a different number of tokens than requested"
-    return PeerResult("xllm", elapsed, produced, produced + workload.input_tokens, token_ids=token_ids)
+    runs = []
+    for _ in range(repeats):
+        # Every run computes its prompts: a rerun of the same workload (a repeat, or the same
+        # engine without speculation or async scheduling) must not find them in the prefix cache.
+        llm.engine.kv_cache.reset_prefix_cache()
+        start = time.perf_counter()
+        results = llm.generate(workload.prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        token_ids = [list(r.outputs[0].token_ids) for r in results]
+        produced = sum(len(t) for t in token_ids)
+        assert produced == workload.output_tokens, "xllm produced a different number of tokens than requested"
+        runs.append((token_ids, elapsed))
+    return best_of("xllm", runs, workload.output_tokens, workload.output_tokens + workload.input_tokens)
 
 
 def agreement(reference: list[list[int]] | None, other: list[list[int]] | None) -> str | None:
@@ -299,9 +322,19 @@ def _table(report: Report, startup: bool) -> list[str]:
         ratio = base.output_tokens_per_s / r.output_tokens_per_s
         lines.append(
             f"{row.name:<14}{r.elapsed_s:>10.2f}{r.output_tokens_per_s:>14.1f}{r.total_tokens_per_s:>13.1f}"
-            f"{ratio:>12.2f}x{row.same_as_xllm or '-':>13}  {r.note}"
+            f"{ratio:>12.2f}x{row.same_as_xllm or '-':>13}  {_note(r)}"
         )
     return lines
+
+
+def _note(r: PeerResult) -> str:
+    """The peer's note, led by "best of N runs" and how much slower the slowest was (the noise the
+    minimum filtered out) when there were several."""
+    runs = r.elapsed_runs_s
+    if len(runs) <= 1:
+        return r.note
+    spread = f"best of {len(runs)} runs (slowest +{100 * (max(runs) / min(runs) - 1):.0f}%)"
+    return f"{spread}; {r.note}" if r.note else spread
 
 
 def _why(row: PeerRow) -> str:
@@ -416,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
     engine = llm.engine
     if engine.config.num_speculative_tokens:
         drafted, kept = engine.spec_draft_tokens, engine.spec_accepted_tokens
-    xr = run_xllm(llm, workload)
+    xr = run_xllm(llm, workload, args.repeats)
     xr.note = f"{json_report['backend']} backend, one LLM.generate"
     report.rows.append(PeerRow("xllm", xr))
     if engine.config.num_speculative_tokens:
@@ -424,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         drafted, kept = engine.spec_draft_tokens - drafted, engine.spec_accepted_tokens - kept
         k = engine.config.num_speculative_tokens
         engine.config.num_speculative_tokens = 0
-        plain = run_xllm(llm, workload)
+        plain = run_xllm(llm, workload, args.repeats)
         engine.config.num_speculative_tokens = k
         same = agreement(plain.token_ids, xr.token_ids)
         speedup = plain.elapsed_s / xr.elapsed_s if xr.elapsed_s else float("nan")
@@ -435,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
             "acceptance_rate": kept / drafted if drafted else 0.0,
             "speedup": speedup,
             "same_output": same,
+            "plain_elapsed_runs_s": plain.elapsed_runs_s,
         }
         how = (
             f"draft model {engine.config.speculative_model}" if engine.config.speculative_model else "n-gram"
@@ -450,11 +484,15 @@ def run(args: argparse.Namespace) -> int:
     if engine.config.async_scheduling:
         # The same engine stepping synchronously, same prompts: the gain is the overlap's alone.
         engine.config.async_scheduling = False
-        sync = run_xllm(llm, workload)
+        sync = run_xllm(llm, workload, args.repeats)
         engine.config.async_scheduling = True
         speedup = sync.elapsed_s / xr.elapsed_s if xr.elapsed_s else float("nan")
         same = agreement(sync.token_ids, xr.token_ids)
-        json_report["async_scheduling"] = {"speedup": speedup, "same_output": same}
+        json_report["async_scheduling"] = {
+            "speedup": speedup,
+            "same_output": same,
+            "sync_elapsed_runs_s": sync.elapsed_runs_s,
+        }
         async_line = (
             f"async scheduling: {speedup:.2f}x the same engine stepping synchronously "
             f"({sync.output_tokens_per_s:.1f} tok/s), output identical for {same}"
@@ -509,6 +547,7 @@ def run(args: argparse.Namespace) -> int:
         hf_batch_size=args.hf_batch_size,
         vllm_python=args.vllm_python,
         gguf_cache_dir=_cache(args),
+        repeats=args.repeats,
     )
     report.rows += _run_peers(args.compare, ctx, workload, xr, startup=False)
     for line in _table(report, startup=False):
@@ -532,6 +571,8 @@ def _finish(
         "output_tokens": workload.output_tokens,
     }
     json_report["dtype"] = report.dtype
+    # The startup workload launches one fresh process per engine, once: --repeats does not apply.
+    json_report["repeats"] = 1 if report.workload == "startup" else args.repeats
     engines: dict[str, object] = {}
     base = report.rows[0] if report.rows else None
     for row in report.rows:

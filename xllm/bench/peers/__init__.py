@@ -1,8 +1,11 @@
 """Peers of `xllm bench throughput --compare`: other engines run on the same workload, same run.
 
 Every peer gets the same prompt token ids and per-prompt output lengths (EOS ignored, greedy) in
-the same dtype, and reports wall time and output tokens. A peer whose library is missing is not
-an error: `Peer.unavailable` returns one line saying how to install it and the bench prints it.
+the same dtype, and reports wall time and output tokens. With ``PeerContext.repeats`` N > 1 it
+runs the measured workload N times after its warm-up and reports the best (minimum) time, as
+`timeit` does: on a shared host the fastest run is the one least disturbed by others. Greedy runs
+must agree token for token (`best_of` checks). A peer whose library is missing is not an error:
+`Peer.unavailable` returns one line saying how to install it and the bench prints it.
 
 The modules ``transformers_peer``, ``llama_cpp_peer`` and ``vllm_peer`` import nothing from xllm
 at module level: the start-up workload runs each of them as a script in a fresh process, where
@@ -35,11 +38,12 @@ PEER_DIR = Path(__file__).resolve().parent
 @dataclass
 class PeerResult:
     name: str
-    elapsed_s: float
+    elapsed_s: float  # the best (minimum) of `elapsed_runs_s`
     output_tokens: int
     total_tokens: int
     note: str = ""
     token_ids: list[list[int]] | None = field(default=None, repr=False)
+    elapsed_runs_s: list[float] = field(default_factory=list)  # every measured run, in order
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -60,6 +64,36 @@ class PeerContext:
     hf_batch_size: int | None = None
     vllm_python: str | None = None
     gguf_cache_dir: Path | None = None
+    repeats: int = 1  # measured runs after the warm-up; the best one is reported
+
+
+class RepeatMismatchError(RuntimeError):
+    """Two greedy runs of one engine on one workload produced different tokens: a determinism bug
+    in that engine (or its use here), reported rather than averaged away."""
+
+
+def best_of(
+    name: str,
+    runs: list[tuple[list[list[int]] | None, float]],
+    output_tokens: int,
+    total_tokens: int,
+    note: str = "",
+) -> PeerResult:
+    """A result from `runs` of (token ids, seconds) of the same workload: the minimum time, and
+    the token ids, which every run must have produced identically (greedy decoding)."""
+    assert runs, "at least one measured run"
+    first = runs[0][0]
+    for i, (token_ids, _) in enumerate(runs[1:], start=2):
+        if first is not None and token_ids is not None and token_ids != first:
+            differ = sum(a != b for a, b in zip(first, token_ids, strict=True))
+            raise RepeatMismatchError(
+                f"{name}: greedy run {i} of {len(runs)} gave other tokens than run 1 "
+                f"for {differ}/{len(first)} requests"
+            )
+    times = [seconds for _, seconds in runs]
+    return PeerResult(
+        name, min(times), output_tokens, total_tokens, note=note, token_ids=first, elapsed_runs_s=times
+    )
 
 
 class Peer(Protocol):
@@ -69,7 +103,8 @@ class Peer(Protocol):
         """None when the peer can run here, else one line saying why not and how to install it."""
 
     def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
-        """Runs the workload and times it (one-time loading excluded)."""
+        """Warms up, then runs the workload `ctx.repeats` times and reports the best time
+        (one-time loading excluded); see `best_of`."""
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:
         """Seconds from launching a fresh process to its first generated token."""

@@ -69,12 +69,17 @@ def _quiet() -> None:
 
 
 def generate_batched(
-    gguf_path: str, prompts: list[list[int]], output_lens: list[int], n_threads: int | None = None
-) -> tuple[list[list[int]], float]:
+    gguf_path: str,
+    prompts: list[list[int]],
+    output_lens: list[int],
+    n_threads: int | None = None,
+    repeats: int = 1,
+) -> list[tuple[list[list[int]], float]]:
     """All prompts at once through llama.cpp's multi-sequence batch API (the low-level bindings;
     `Llama` holds one sequence), as llama.cpp's own batched example and server do: prefill packed
     into batches of up to 512 tokens, then one decode call per step carrying one token of every
-    unfinished sequence, greedy (argmax) on the host. Returns (new token ids, seconds), the
+    unfinished sequence, greedy (argmax) on the host. The model is loaded once and the workload
+    run `repeats` times on an emptied KV cache; returns (new token ids, seconds) per run, the
     model load and a warm-up decode excluded from the seconds."""
     import ctypes
 
@@ -133,8 +138,8 @@ def generate_batched(
                 )
         return out
 
-    try:
-        decode([(prompts[0][-1], 0, 0, True)])  # warm-up: first-call costs are not throughput
+    def run_once() -> tuple[list[list[int]], float]:
+        # Every run prefills from an empty cache: nothing of the previous run is reused.
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         outputs: list[list[int]] = [[] for _ in prompts]
         start = time.perf_counter()
@@ -166,12 +171,15 @@ def generate_batched(
                 step = [(outputs[s][-1], len(prompts[s]) + len(outputs[s]) - 1, s, True) for s in chunk]
                 for s, tok in zip(chunk, decode(step), strict=True):
                     outputs[s].append(tok)
-        elapsed = time.perf_counter() - start
+        return outputs, time.perf_counter() - start
+
+    try:
+        decode([(prompts[0][-1], 0, 0, True)])  # warm-up: first-call costs are not throughput
+        return [run_once() for _ in range(repeats)]
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(ctx)
         lc.llama_model_free(model)
-    return outputs, elapsed
 
 
 class LlamaCppPeer:
@@ -191,28 +199,30 @@ class LlamaCppPeer:
         return str(ensure_gguf(ctx.model_path, ctx.dtype, ctx.gguf_cache_dir))
 
     def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
-        from xllm.bench.peers import PeerResult
+        from xllm.bench.peers import best_of
 
         path = self.gguf_path(ctx)
         if workload.num_prompts > 1:
-            outputs, elapsed = generate_batched(path, workload.prompts, workload.output_lens, ctx.threads)
+            runs = generate_batched(path, workload.prompts, workload.output_lens, ctx.threads, ctx.repeats)
             how = "all prompts in one multi-sequence batch (low-level API)"
         else:
             llm = load(path, workload.max_len + 8, ctx.threads)
             generate(llm, workload.prompts[0][::-1], 2)  # warm-up: first-call costs are not throughput
-            start = time.perf_counter()
-            outputs = [generate(llm, workload.prompts[0], workload.output_lens[0])]
-            elapsed = time.perf_counter() - start
+            runs = []
+            for _ in range(ctx.repeats):
+                start = time.perf_counter()
+                outputs = [generate(llm, workload.prompts[0], workload.output_lens[0])]
+                runs.append((outputs, time.perf_counter() - start))
             how = "Llama.generate"
-        produced = sum(len(o) for o in outputs)
-        assert produced == workload.output_tokens, "llama.cpp produced a different number of tokens"
-        return PeerResult(
+        for outputs, _ in runs:
+            produced = sum(len(o) for o in outputs)
+            assert produced == workload.output_tokens, "llama.cpp produced a different number of tokens"
+        return best_of(
             self.name,
-            elapsed,
-            produced,
-            produced + workload.input_tokens,
+            runs,
+            workload.output_tokens,
+            workload.output_tokens + workload.input_tokens,
             note=f"{ctx.dtype} GGUF, {how}, {ctx.threads} threads",
-            token_ids=outputs,
         )
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:

@@ -58,26 +58,27 @@ class TransformersPeer:
         return None
 
     def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
-        from xllm.bench.peers import PeerResult
+        from xllm.bench.peers import best_of
 
         model = load(ctx.model_path, ctx.dtype)
         batch = ctx.hf_batch_size or workload.num_prompts
         generate_batch(model, [workload.prompts[0][::-1]], 2)  # warm-up: first-call costs are not throughput
-        token_ids: list[list[int]] = []
-        start = time.perf_counter()
-        for i in range(0, workload.num_prompts, batch):
-            lens = workload.output_lens[i : i + batch]
-            out = generate_batch(model, workload.prompts[i : i + batch], max(lens))
-            token_ids += [row[:n] for row, n in zip(out, lens, strict=True)]
-        elapsed = time.perf_counter() - start
+        runs = []
+        for _ in range(ctx.repeats):
+            token_ids: list[list[int]] = []
+            start = time.perf_counter()
+            for i in range(0, workload.num_prompts, batch):
+                lens = workload.output_lens[i : i + batch]
+                out = generate_batch(model, workload.prompts[i : i + batch], max(lens))
+                token_ids += [row[:n] for row, n in zip(out, lens, strict=True)]
+            runs.append((token_ids, time.perf_counter() - start))
         useful = workload.output_tokens
-        return PeerResult(
+        return best_of(
             self.name,
-            elapsed,
+            runs,
             useful,
             useful + workload.input_tokens,
             note=f"batched generate, batch {batch}, left padding",
-            token_ids=token_ids,
         )
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:

@@ -68,6 +68,7 @@ class VllmPeer:
             "output_lens": workload.output_lens,
             "max_model_len": workload.max_len + 8,
             "mode": mode,
+            "repeats": ctx.repeats,  # looped inside the worker: one engine start, however many runs
         }
         fd, path = tempfile.mkstemp(prefix="xllm-vllm-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -75,7 +76,7 @@ class VllmPeer:
         return path
 
     def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
-        from xllm.bench.peers import RESULT_MARKER, PeerResult, peer_script, script_env
+        from xllm.bench.peers import RESULT_MARKER, best_of, peer_script, script_env
 
         python = vllm_python(ctx)
         assert python is not None
@@ -94,13 +95,13 @@ class VllmPeer:
             tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
             raise RuntimeError(f"vLLM worker exited with {proc.returncode}: {tail}")
         data = json.loads(lines[-1][len(RESULT_MARKER) :])
-        return PeerResult(
+        runs = list(zip(data["token_ids_runs"], data["elapsed_runs_s"], strict=True))
+        return best_of(
             self.name,
-            data["elapsed_s"],
+            runs,
             data["output_tokens"],
             data["output_tokens"] + workload.input_tokens,
             note=f"vllm {data.get('vllm_version', '?')}, one LLM.generate, load {data.get('load_s', 0):.1f} s",
-            token_ids=data.get("token_ids"),
         )
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:

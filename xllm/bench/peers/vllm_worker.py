@@ -2,10 +2,11 @@
 
 It imports only vllm and the standard library (vLLM's CPU build usually lives in its own
 virtual environment, without xllm). Usage: ``python vllm_worker.py SPEC.json`` where the JSON
-holds ``model``, ``dtype``, ``prompts`` (token ids), ``output_lens``, ``max_model_len`` and
-``mode``: ``throughput`` (warm up, then time one `LLM.generate` over every prompt) or ``startup``
-(print the first token as soon as it exists). Results are printed on one stdout line after
-`RESULT_MARKER`, because vLLM writes its own logs to stdout as well.
+holds ``model``, ``dtype``, ``prompts`` (token ids), ``output_lens``, ``max_model_len``,
+``repeats`` (default 1) and ``mode``: ``throughput`` (warm up, then time `repeats` calls of
+`LLM.generate` over every prompt, in one engine: its start takes minutes) or ``startup`` (print
+the first token as soon as it exists). Results (every run's seconds and token ids) are printed
+on one stdout line after `RESULT_MARKER`, because vLLM writes its own logs to stdout as well.
 """
 
 from __future__ import annotations
@@ -44,16 +45,22 @@ def main(argv: list[str]) -> int:
     warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     # First-call costs are not throughput; the reversed prompt shares no prefix-cache block.
     llm.generate([{"prompt_token_ids": spec["prompts"][0][::-1]}], [warm], use_tqdm=False)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    elapsed_runs, token_ids_runs = [], []
+    for _ in range(spec.get("repeats", 1)):
+        # Every run computes its prompts: the previous run's must not be found in the prefix cache.
+        reset = getattr(llm, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed_runs.append(time.perf_counter() - start)
+        token_ids_runs.append([list(o.outputs[0].token_ids) for o in outs])
     result = {
-        "elapsed_s": elapsed,
-        "output_tokens": sum(len(t) for t in token_ids),
+        "elapsed_runs_s": elapsed_runs,
+        "token_ids_runs": token_ids_runs,
+        "output_tokens": sum(len(t) for t in token_ids_runs[0]),
         "load_s": load_s,
         "vllm_version": getattr(vllm, "__version__", "?"),
-        "token_ids": token_ids,
     }
     print(f"{RESULT_MARKER} {json.dumps(result)}", flush=True)
     return 0
