@@ -178,7 +178,9 @@ def test_every_simd_variant_matches_the_plain_ops(cpu, isa_flags, monkeypatch: p
         w = torch.randn(83, 100, generator=g)
         for rows in (1, 3, 9):
             x = torch.randn(rows, 100, generator=g)
-            torch.testing.assert_close(kernels.linear(x, w, None), cpu.linear(x, w, None), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                kernels.linear(x, w, None), cpu.linear(x, w, None), rtol=1e-5, atol=1e-5
+            )
         q, kc, vc = (
             torch.randn(2, 4, 32, generator=g),
             torch.randn(4, 4, 2, 32, generator=g),
