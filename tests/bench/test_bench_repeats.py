@@ -136,3 +136,34 @@ def test_vllm_worker_runs_that_disagree_fail_the_peer(tmp_path, fake_vllm, monke
     with pytest.raises(RepeatMismatchError, match="vllm: greedy run 2 of 3"):
         VllmPeer().run(ctx, workload)
     assert fake_vllm.read_text().split().count("generate") == 4  # warm-up and three runs, one start
+
+
+def test_interleave_takes_every_engines_runs_in_turns(tiny_llama_dir, tmp_path, capsys, monkeypatch) -> None:
+    from xllm.bench import throughput
+    from xllm.bench.peers.transformers_peer import TransformersPeer
+
+    order: list[str] = []
+
+    def logged(tag, runs):
+        try:
+            for item in runs:
+                order.append(tag)
+                yield item
+        finally:
+            runs.close()
+
+    real_xllm, real_hf = throughput.xllm_runs, TransformersPeer.timed_runs
+    monkeypatch.setattr(throughput, "xllm_runs", lambda llm, wl: logged("xllm", real_xllm(llm, wl)))
+
+    def hf_runs(self, ctx, wl):
+        note, runs = real_hf(self, ctx, wl)
+        return note, logged("transformers", runs)
+
+    monkeypatch.setattr(TransformersPeer, "timed_runs", hf_runs)
+    argv = ["bench", "throughput", "--model", str(tiny_llama_dir), "--dtype", "float32", "--repeats", "2"]
+    assert main([*argv, "--interleave", "--compare", "transformers", *SMALL]) == 0
+    out = capsys.readouterr().out
+    # The warm-up first (xllm alone), then the measured runs in turns.
+    assert order == ["xllm", "xllm", "transformers", "xllm", "transformers"]
+    assert "runs taken in turns with transformers" in _row(out, "xllm")
+    assert "best of 2 runs" in _row(out, "transformers") and "3/3" in _row(out, "transformers")

@@ -33,7 +33,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from xllm.bench.peers import PEER_NAMES, PeerContext, PeerResult, best_of, get_peers, time_to_first_token
+from xllm.bench.peers import (
+    PEER_NAMES,
+    PeerContext,
+    PeerResult,
+    TimedRuns,
+    best_of,
+    get_peers,
+    take_runs,
+    time_to_first_token,
+)
 from xllm.bench.workloads import WORKLOADS, Workload, make_workload, spec_from_lengths
 from xllm.cli.engine_args import add_engine_arguments, engine_kwargs
 from xllm.dtypes import canonical_dtype_name
@@ -60,6 +69,10 @@ def parse_compare(text: str) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+# Peers that run in the bench's own process, whose runs `--interleave` can alternate with xllm's.
+IN_PROCESS_PEERS = ("transformers", "llama.cpp")
 
 
 def positive_int(text: str) -> int:
@@ -101,6 +114,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="run each engine's measured workload N times after its warm-up and report the best "
         "(minimum) time, as timeit does; the startup workload ignores it (one fresh process each)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="with --repeats, keep xllm and the in-process peers (transformers, llama.cpp) loaded "
+        "together and take their runs in turns, so a slow minute of a shared host costs each alike "
+        "(needs memory for all their models at once; vLLM still runs after, in its own process)",
     )
     p.add_argument(
         "--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)"
@@ -155,11 +175,15 @@ class Report:
 
 def run_xllm(llm, workload: Workload, repeats: int = 1) -> PeerResult:
     """`repeats` timed `LLM.generate` calls over the workload; the best time (see `best_of`)."""
+    return take_runs("xllm", xllm_runs(llm, workload), repeats, workload, "")
+
+
+def xllm_runs(llm, workload: Workload) -> TimedRuns:
+    """Timed `LLM.generate` calls over the workload, one per `next`."""
     from xllm import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in workload.output_lens]
-    runs = []
-    for _ in range(repeats):
+    while True:
         # Every run computes its prompts: a rerun of the same workload (a repeat, or the same
         # engine without speculation or async scheduling) must not find them in the prefix cache.
         llm.engine.kv_cache.reset_prefix_cache()
@@ -169,8 +193,54 @@ def run_xllm(llm, workload: Workload, repeats: int = 1) -> PeerResult:
         token_ids = [list(r.outputs[0].token_ids) for r in results]
         produced = sum(len(t) for t in token_ids)
         assert produced == workload.output_tokens, "xllm produced a different number of tokens than requested"
-        runs.append((token_ids, elapsed))
-    return best_of("xllm", runs, workload.output_tokens, workload.output_tokens + workload.input_tokens)
+        yield token_ids, elapsed
+
+
+def interleaved(
+    llm, names: list[str], ctx: PeerContext, workload: Workload, repeats: int
+) -> tuple[PeerResult, list[PeerRow]]:
+    """``--interleave``: xllm and every in-process peer loaded at once, their measured runs taken
+    in turns (xllm, peer 1, peer 2, xllm, ...), so that a slow minute of a shared host falls on
+    all of them instead of on whichever ran then. Peers that fail to load get their row's reason."""
+    peers = get_peers()
+    rows: list[PeerRow] = []
+    series: list[tuple[str, str, TimedRuns, list]] = [("xllm", "", xllm_runs(llm, workload), [])]
+    for name in names:
+        row = PeerRow(name, skipped=peers[name].unavailable(ctx))
+        rows.append(row)
+        if row.skipped is None:
+            try:
+                note, runs = peers[name].timed_runs(ctx, workload)
+                series.append((name, note, runs, []))
+            except Exception as exc:
+                row.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    try:
+        for _ in range(repeats):
+            for entry in list(series):
+                name, _, runs, taken = entry
+                try:
+                    taken.append(next(runs))
+                except Exception as exc:  # one broken peer must not lose the others' figures
+                    if name == "xllm":
+                        raise
+                    next(r for r in rows if r.name == name).failed = f"{type(exc).__name__}: {exc}"
+                    runs.close()
+                    series.remove(entry)
+    finally:
+        for _, _, runs, _ in series:
+            runs.close()
+    results = {
+        name: best_of(
+            name, taken, workload.output_tokens, workload.output_tokens + workload.input_tokens, note
+        )
+        for name, note, _, taken in series
+    }
+    xr = results.pop("xllm")
+    for row in rows:
+        if row.name in results:
+            row.result = results[row.name]
+            row.same_as_xllm = agreement(xr.token_ids, row.result.token_ids)
+    return xr, rows
 
 
 def agreement(reference: list[list[int]] | None, other: list[list[int]] | None) -> str | None:
@@ -449,8 +519,23 @@ def run(args: argparse.Namespace) -> int:
     engine = llm.engine
     if engine.config.num_speculative_tokens:
         drafted, kept = engine.spec_draft_tokens, engine.spec_accepted_tokens
-    xr = run_xllm(llm, workload, args.repeats)
-    xr.note = f"{json_report['backend']} backend, one LLM.generate"
+    ctx = PeerContext(
+        model_path,
+        dtype,
+        hf_batch_size=args.hf_batch_size,
+        vllm_python=args.vllm_python,
+        gguf_cache_dir=_cache(args),
+        repeats=args.repeats,
+    )
+    together = [n for n in args.compare if n in IN_PROCESS_PEERS] if args.interleave else []
+    interleaved_rows: list[PeerRow] = []
+    if together:
+        xr, interleaved_rows = interleaved(llm, together, ctx, workload, args.repeats)
+    else:
+        xr = run_xllm(llm, workload, args.repeats)
+    xr.note = f"{json_report['backend']} backend, one LLM.generate" + (
+        f", runs taken in turns with {', '.join(together)}" if together else ""
+    )
     report.rows.append(PeerRow("xllm", xr))
     if engine.config.num_speculative_tokens:
         # The same engine without guesses, same prompts: the speed-up is speculation's alone.
@@ -541,15 +626,10 @@ def run(args: argparse.Namespace) -> int:
     # Peers run with xllm gone: its weights and KV cache would otherwise compete for RAM.
     del llm
     gc.collect()
-    ctx = PeerContext(
-        model_path,
-        dtype,
-        hf_batch_size=args.hf_batch_size,
-        vllm_python=args.vllm_python,
-        gguf_cache_dir=_cache(args),
-        repeats=args.repeats,
+    report.rows += interleaved_rows
+    report.rows += _run_peers(
+        [n for n in args.compare if n not in together], ctx, workload, xr, startup=False
     )
-    report.rows += _run_peers(args.compare, ctx, workload, xr, startup=False)
     for line in _table(report, startup=False):
         print(line)
     if decode_line:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -108,6 +109,28 @@ class Peer(Protocol):
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:
         """Seconds from launching a fresh process to its first generated token."""
+
+
+class InProcessPeer(Peer, Protocol):
+    """A peer that runs in the bench's own process, so its runs can alternate with xllm's
+    (``--interleave``): a slow minute of a shared host then costs every engine alike."""
+
+    def timed_runs(self, ctx: PeerContext, workload: Workload) -> tuple[str, TimedRuns]:
+        """Loads and warms up, then returns the table note and an endless iterator of measured
+        runs, (token ids, seconds) each; the model lives until the iterator is closed."""
+
+
+# (token ids, seconds) of one measured run of a workload
+TimedRuns = Iterator[tuple[list[list[int]], float]]
+
+
+def take_runs(name: str, runs: TimedRuns, repeats: int, workload: Workload, note: str) -> PeerResult:
+    """`repeats` runs from `runs` (then closed, freeing the model), as a `best_of` result."""
+    try:
+        taken = [next(runs) for _ in range(repeats)]
+    finally:
+        runs.close()
+    return best_of(name, taken, workload.output_tokens, workload.output_tokens + workload.input_tokens, note)
 
 
 def importable(module: str) -> bool:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from xllm.bench.peers import PeerContext, PeerResult
+    from xllm.bench.peers import PeerContext, PeerResult, TimedRuns
     from xllm.bench.workloads import Workload
 
 FIRST_TOKEN_MARKER = "XLLM_BENCH_FIRST_TOKEN"  # same as xllm.bench.peers (no xllm import here)
@@ -75,12 +76,23 @@ def generate_batched(
     n_threads: int | None = None,
     repeats: int = 1,
 ) -> list[tuple[list[list[int]], float]]:
+    """`repeats` runs of `batched_runs`: (new token ids, seconds) each."""
+    runs = batched_runs(gguf_path, prompts, output_lens, n_threads)
+    try:
+        return [next(runs) for _ in range(repeats)]
+    finally:
+        runs.close()
+
+
+def batched_runs(
+    gguf_path: str, prompts: list[list[int]], output_lens: list[int], n_threads: int | None = None
+) -> Iterator[tuple[list[list[int]], float]]:
     """All prompts at once through llama.cpp's multi-sequence batch API (the low-level bindings;
     `Llama` holds one sequence), as llama.cpp's own batched example and server do: prefill packed
     into batches of up to 512 tokens, then one decode call per step carrying one token of every
-    unfinished sequence, greedy (argmax) on the host. The model is loaded once and the workload
-    run `repeats` times on an emptied KV cache; returns (new token ids, seconds) per run, the
-    model load and a warm-up decode excluded from the seconds."""
+    unfinished sequence, greedy (argmax) on the host. The model is loaded at the first run and
+    freed when the iterator is closed; each run starts from an emptied KV cache and yields (new
+    token ids, seconds), the model load and a warm-up decode excluded from the seconds."""
     import ctypes
 
     import llama_cpp as lc
@@ -175,11 +187,33 @@ def generate_batched(
 
     try:
         decode([(prompts[0][-1], 0, 0, True)])  # warm-up: first-call costs are not throughput
-        return [run_once() for _ in range(repeats)]
+        while True:
+            yield run_once()
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(ctx)
         lc.llama_model_free(model)
+
+
+def _single_runs(path: str, workload: Workload, n_threads: int) -> Iterator[tuple[list[list[int]], float]]:
+    """The one prompt through `Llama.generate`, again and again (loaded at the first run)."""
+    llm = load(path, workload.max_len + 8, n_threads)
+    generate(llm, workload.prompts[0][::-1], 2)  # warm-up: first-call costs are not throughput
+    while True:
+        start = time.perf_counter()
+        outputs = [generate(llm, workload.prompts[0], workload.output_lens[0])]
+        yield outputs, time.perf_counter() - start
+
+
+def _counted(
+    runs: Iterator[tuple[list[list[int]], float]], expected: int
+) -> Iterator[tuple[list[list[int]], float]]:
+    try:
+        for outputs, seconds in runs:
+            assert sum(len(o) for o in outputs) == expected, "llama.cpp produced a different number of tokens"
+            yield outputs, seconds
+    finally:
+        runs.close()
 
 
 class LlamaCppPeer:
@@ -199,31 +233,20 @@ class LlamaCppPeer:
         return str(ensure_gguf(ctx.model_path, ctx.dtype, ctx.gguf_cache_dir))
 
     def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
-        from xllm.bench.peers import best_of
+        from xllm.bench.peers import take_runs
 
+        note, runs = self.timed_runs(ctx, workload)
+        return take_runs(self.name, runs, ctx.repeats, workload, note)
+
+    def timed_runs(self, ctx: PeerContext, workload: Workload) -> tuple[str, TimedRuns]:
         path = self.gguf_path(ctx)
         if workload.num_prompts > 1:
-            runs = generate_batched(path, workload.prompts, workload.output_lens, ctx.threads, ctx.repeats)
+            runs = batched_runs(path, workload.prompts, workload.output_lens, ctx.threads)
             how = "all prompts in one multi-sequence batch (low-level API)"
         else:
-            llm = load(path, workload.max_len + 8, ctx.threads)
-            generate(llm, workload.prompts[0][::-1], 2)  # warm-up: first-call costs are not throughput
-            runs = []
-            for _ in range(ctx.repeats):
-                start = time.perf_counter()
-                outputs = [generate(llm, workload.prompts[0], workload.output_lens[0])]
-                runs.append((outputs, time.perf_counter() - start))
+            runs = _single_runs(path, workload, ctx.threads)
             how = "Llama.generate"
-        for outputs, _ in runs:
-            produced = sum(len(o) for o in outputs)
-            assert produced == workload.output_tokens, "llama.cpp produced a different number of tokens"
-        return best_of(
-            self.name,
-            runs,
-            workload.output_tokens,
-            workload.output_tokens + workload.input_tokens,
-            note=f"{ctx.dtype} GGUF, {how}, {ctx.threads} threads",
-        )
+        return f"{ctx.dtype} GGUF, {how}, {ctx.threads} threads", _counted(runs, workload.output_tokens)
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:
         from xllm.bench.peers import PYTHON, peer_script, script_env, time_to_first_token

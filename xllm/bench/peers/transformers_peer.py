@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from xllm.bench.peers import PeerContext, PeerResult
+    from xllm.bench.peers import PeerContext, PeerResult, TimedRuns
     from xllm.bench.workloads import Workload
 
 FIRST_TOKEN_MARKER = "XLLM_BENCH_FIRST_TOKEN"  # same as xllm.bench.peers (no xllm import here)
@@ -58,28 +58,27 @@ class TransformersPeer:
         return None
 
     def run(self, ctx: PeerContext, workload: Workload) -> PeerResult:
-        from xllm.bench.peers import best_of
+        from xllm.bench.peers import take_runs
 
+        note, runs = self.timed_runs(ctx, workload)
+        return take_runs(self.name, runs, ctx.repeats, workload, note)
+
+    def timed_runs(self, ctx: PeerContext, workload: Workload) -> tuple[str, TimedRuns]:
         model = load(ctx.model_path, ctx.dtype)
         batch = ctx.hf_batch_size or workload.num_prompts
         generate_batch(model, [workload.prompts[0][::-1]], 2)  # warm-up: first-call costs are not throughput
-        runs = []
-        for _ in range(ctx.repeats):
-            token_ids: list[list[int]] = []
-            start = time.perf_counter()
-            for i in range(0, workload.num_prompts, batch):
-                lens = workload.output_lens[i : i + batch]
-                out = generate_batch(model, workload.prompts[i : i + batch], max(lens))
-                token_ids += [row[:n] for row, n in zip(out, lens, strict=True)]
-            runs.append((token_ids, time.perf_counter() - start))
-        useful = workload.output_tokens
-        return best_of(
-            self.name,
-            runs,
-            useful,
-            useful + workload.input_tokens,
-            note=f"batched generate, batch {batch}, left padding",
-        )
+
+        def runs() -> TimedRuns:
+            while True:
+                token_ids: list[list[int]] = []
+                start = time.perf_counter()
+                for i in range(0, workload.num_prompts, batch):
+                    lens = workload.output_lens[i : i + batch]
+                    out = generate_batch(model, workload.prompts[i : i + batch], max(lens))
+                    token_ids += [row[:n] for row, n in zip(out, lens, strict=True)]
+                yield token_ids, time.perf_counter() - start
+
+        return f"batched generate, batch {batch}, left padding", runs()
 
     def startup(self, ctx: PeerContext, workload: Workload) -> float:
         from xllm.bench.peers import PYTHON, peer_script, script_env, time_to_first_token
