@@ -19,7 +19,7 @@ import torch
 
 from xllm import SamplingParams
 from xllm.engine.config import EngineConfig
-from xllm.engine.draft_model import DraftModelProposer
+from xllm.engine.draft_model import DraftModelProposer, load_draft_model
 from xllm.engine.outputs import RequestMetrics
 from xllm.engine.sequence import Request, Sequence
 from xllm.hal import get_backend
@@ -105,15 +105,10 @@ def _sequence(seq_id: int, token_ids: list[int]) -> Sequence:
 
 
 def _proposer(path: Path, num_blocks: int = 64, max_model_len: int = 256) -> DraftModelProposer:
+    backend = get_backend("cpu")
+    model = load_draft_model(str(path), backend, torch.float32, ModelConfig.from_pretrained(path).vocab_size)
     return DraftModelProposer(
-        get_backend("cpu"),
-        str(path),
-        torch.float32,
-        block_size=16,
-        num_blocks=num_blocks,
-        max_model_len=max_model_len,
-        max_num_seqs=4,
-        target_vocab_size=ModelConfig.from_pretrained(path).vocab_size,
+        backend, model, block_size=16, num_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=4
     )
 
 
@@ -186,3 +181,12 @@ def test_aborting_a_request_frees_its_draft_blocks(make_llm, tiny_llama_dir) -> 
     assert 0 < proposer.kv_cache.num_used_blocks < used
     engine.abort_request("b")
     assert proposer.kv_cache.num_used_blocks == 0
+
+
+def test_the_draft_shares_the_kv_budget_block_for_block(make_llm, tiny_llama_dir, kv_bytes) -> None:
+    budget = kv_bytes(tiny_llama_dir, 64)  # 65 target blocks' worth, the null block included
+    assert make_llm(kv_cache_memory=budget).engine.kv_cache.num_blocks == 64
+    spec = make_llm(kv_cache_memory=budget, num_speculative_tokens=2, speculative_model=str(tiny_llama_dir))
+    # The draft here is the target itself: each block of context costs twice, and both caches
+    # get the same count (65 // 2 physical blocks, one of them the null block).
+    assert spec.engine.kv_cache.num_blocks == spec.engine.draft_proposer.kv_cache.num_blocks == 31

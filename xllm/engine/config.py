@@ -150,7 +150,8 @@ class EngineConfig(BaseModel):
     speculative_model: str | None = Field(
         None,
         description="speculative decoding: checkpoint directory of a draft model (same vocabulary as "
-        "the target) that guesses the num_speculative_tokens tokens instead of n-gram lookup",
+        "the target) that guesses the num_speculative_tokens tokens instead of n-gram lookup; its "
+        "KV cache has as many blocks as the target's and comes out of the same budget",
     )
 
     @field_validator("backend", mode="before")

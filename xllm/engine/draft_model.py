@@ -25,36 +25,39 @@ from xllm.hal import Backend
 _TAIL_SCAN = 64
 
 
+def load_draft_model(model_path: str, backend: Backend, dtype, target_vocab_size: int):
+    """The draft checkpoint's model, its vocabulary checked against the target's before the
+    weights load: a mismatch is a configuration error, found at once."""
+    from xllm.models import ModelConfig, load_model
+
+    config = ModelConfig.from_pretrained(model_path)
+    if config.vocab_size != target_vocab_size:
+        raise ValueError(
+            f"speculative_model {model_path!r} has vocab_size {config.vocab_size} but the target "
+            f"model has {target_vocab_size}; a draft model must share the target's vocabulary"
+        )
+    return load_model(model_path, backend, dtype=dtype)
+
+
 class DraftModelProposer:
     def __init__(
         self,
         backend: Backend,
-        model_path: str,
-        dtype,
+        model,
         *,
         block_size: int,
         num_blocks: int,
         max_model_len: int,
         max_num_seqs: int,
-        target_vocab_size: int,
         use_graphs: bool = True,
     ) -> None:
-        from xllm.models import ModelConfig, load_model
-
-        # Checked before the weights load: a mismatch is a configuration error, found at once.
-        config = ModelConfig.from_pretrained(model_path)
-        if config.vocab_size != target_vocab_size:
+        if model.config.max_position_embeddings < max_model_len:
             raise ValueError(
-                f"speculative_model {model_path!r} has vocab_size {config.vocab_size} but the target "
-                f"model has {target_vocab_size}; a draft model must share the target's vocabulary"
+                f"the draft model has max_position_embeddings {model.config.max_position_embeddings}, "
+                f"less than max_model_len {max_model_len}; lower max_model_len or choose a draft "
+                "with a longer context"
             )
-        if config.max_position_embeddings < max_model_len:
-            raise ValueError(
-                f"speculative_model {model_path!r} has max_position_embeddings "
-                f"{config.max_position_embeddings}, less than max_model_len {max_model_len}; "
-                "lower max_model_len or choose a draft with a longer context"
-            )
-        self.model = load_model(model_path, backend, dtype=dtype)
+        self.model = model
         mc = self.model.config
         self.max_model_len = max_model_len
         self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)

@@ -49,8 +49,15 @@ def bytes_per_block(model, block_size: int) -> int:
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
 
 
-def plan_kv_cache(backend: Backend, model, config: EngineConfig, max_len: int) -> KVCachePlan:
+def plan_kv_cache(
+    backend: Backend, model, config: EngineConfig, max_len: int, draft_model=None
+) -> KVCachePlan:
+    """`draft_model` (speculative decoding) keeps a cache of its own with as many blocks as the
+    target's, one for each block of context: the budget is shared in proportion to their
+    block sizes, and its weights are loaded already, so the profiling pass counts them."""
     per_block = bytes_per_block(model, config.block_size)
+    if draft_model is not None:
+        per_block += bytes_per_block(draft_model, config.block_size)
     if config.kv_cache_memory is not None:
         budget, rule = config.kv_cache_memory, "kv_cache_memory"
     elif backend.capabilities.shares_host_memory:

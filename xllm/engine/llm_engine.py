@@ -107,10 +107,15 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                 f"{mc.max_position_embeddings}"
             )
+        draft_model = None  # speculative_model: loaded before the cache is sized, which it shares
+        if config.speculative_model is not None:  # the config rules out tensor parallelism here
+            from xllm.engine.draft_model import load_draft_model
+
+            draft_model = load_draft_model(config.speculative_model, self.backend, dtype, mc.vocab_size)
         if tp:
             plan = self.model.plan_kv_cache(config, max_len)
         else:
-            plan = plan_kv_cache(self.backend, self.model, config, max_len)
+            plan = plan_kv_cache(self.backend, self.model, config, max_len, draft_model)
         num_blocks = plan.num_blocks
         capacity = num_blocks * config.block_size
         if max_len > capacity:
@@ -153,22 +158,16 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
             )
         self.draft_proposer = None  # speculative_model: a draft model guesses (see _draft_tokens)
-        if config.speculative_model is not None:  # the config rules out tensor parallelism here
+        if draft_model is not None:
             from xllm.engine.draft_model import DraftModelProposer
 
-            k = config.num_speculative_tokens
-            # Room for every sequence slot at full length plus its guesses, never more than the
-            # target's own cache (a draft model's blocks are smaller, so this costs less memory).
-            per_seq = -(-(self.max_model_len + k) // config.block_size)
             self.draft_proposer = DraftModelProposer(
                 self.backend,
-                config.speculative_model,
-                self.model.dtype,
+                draft_model,
                 block_size=config.block_size,
-                num_blocks=min(config.max_num_seqs * per_seq, self.kv_cache.num_blocks),
+                num_blocks=num_blocks,  # one draft block per block of the target's context
                 max_model_len=self.max_model_len,
                 max_num_seqs=config.max_num_seqs,
-                target_vocab_size=mc.vocab_size,
                 use_graphs=config.use_graphs,
             )
         self.requests: dict[str, Request] = {}
