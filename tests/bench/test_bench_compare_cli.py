@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import textwrap
 
 import pytest
 
@@ -16,34 +15,6 @@ HAVE_LLAMA_CPP = (
     importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("gguf") is not None
 )
 SMALL = ["--num-prompts", "3", "--input-len", "12", "--output-len", "6", "--skip-decode-floor"]
-
-# A stand-in for vllm with the API surface vllm_worker.py uses: enough to check the subprocess
-# protocol (spec file in, JSON on stdout among log lines) without installing vLLM.
-FAKE_VLLM = textwrap.dedent(
-    """
-    __version__ = "0.0-fake"
-
-    class SamplingParams:
-        def __init__(self, temperature, max_tokens, ignore_eos):
-            assert temperature == 0.0 and ignore_eos
-            self.max_tokens = max_tokens
-
-    class _Completion:
-        def __init__(self, ids):
-            self.token_ids = ids
-
-    class _Output:
-        def __init__(self, ids):
-            self.outputs = [_Completion(ids)]
-
-    class LLM:
-        def __init__(self, model, dtype, max_model_len, seed):
-            print("INFO fake vllm log line on stdout")
-
-        def generate(self, prompts, params, use_tqdm=False):
-            return [_Output([7] * p.max_tokens) for p in params]
-    """
-)
 
 
 def _run(capsys, argv: list[str]) -> str:
@@ -84,12 +55,7 @@ def test_every_peer_gets_a_row(tiny_llama_dir, tmp_path, capsys, monkeypatch) ->
     assert data["engines"]["transformers"]["ratio_xllm_over_peer"] > 0
 
 
-def test_vllm_runs_in_the_given_python(tiny_llama_dir, tmp_path, capsys, monkeypatch) -> None:
-    fake = tmp_path / "fake" / "vllm"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(FAKE_VLLM)
-    # The subprocess inherits PYTHONPATH; this process does not see the fake package.
-    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+def test_vllm_runs_in_the_given_python(tiny_llama_dir, capsys, fake_vllm) -> None:
     out = _run(
         capsys,
         ["bench", "throughput", "--model", str(tiny_llama_dir), "--dtype", "float32",

@@ -454,15 +454,21 @@ def _startup(args: argparse.Namespace, model_path: str) -> tuple[Report, Workloa
     except Exception as exc:
         row.failed = str(exc).splitlines()[0]
     report.rows.append(row)
-    ctx = PeerContext(
+    report.rows += _run_peers(
+        args.compare, _peer_context(args, model_path, dtype), workload, None, startup=True
+    )
+    return report, workload
+
+
+def _peer_context(args: argparse.Namespace, model_path: str, dtype: str) -> PeerContext:
+    return PeerContext(
         model_path,
         dtype,
         hf_batch_size=args.hf_batch_size,
         vllm_python=args.vllm_python,
         gguf_cache_dir=_cache(args),
+        repeats=getattr(args, "repeats", 1),
     )
-    report.rows += _run_peers(args.compare, ctx, workload, None, startup=True)
-    return report, workload
 
 
 def _cache(args: argparse.Namespace) -> Path | None:
@@ -519,14 +525,7 @@ def run(args: argparse.Namespace) -> int:
     engine = llm.engine
     if engine.config.num_speculative_tokens:
         drafted, kept = engine.spec_draft_tokens, engine.spec_accepted_tokens
-    ctx = PeerContext(
-        model_path,
-        dtype,
-        hf_batch_size=args.hf_batch_size,
-        vllm_python=args.vllm_python,
-        gguf_cache_dir=_cache(args),
-        repeats=args.repeats,
-    )
+    ctx = _peer_context(args, model_path, dtype)
     together = [n for n in args.compare if n in IN_PROCESS_PEERS] if args.interleave else []
     interleaved_rows: list[PeerRow] = []
     if together:
