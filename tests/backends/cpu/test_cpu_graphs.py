@@ -88,7 +88,8 @@ def test_the_model_decodes_as_the_plain_reference_does(tiny_llama_dir: Path) -> 
     runner = llm.engine.runner.graph_runner
     if not isinstance(runner, CpuGraphRunner):
         pytest.skip("no C compiler here: the CPU backend runs its plain ops only")
-    assert runner.eager_reason is None and runner.is_recorded(1) and runner.is_recorded(8)
+    # Six prompts decode in bucket 6: the CPU records every size up to 16 (no padding rows).
+    assert runner.eager_reason is None and runner.is_recorded(1) and runner.is_recorded(6)
     want, _ = _decode(tiny_llama_dir, backend="cpu", backend_options={"kernels": False})
     assert got == want
 

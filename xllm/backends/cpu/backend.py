@@ -22,7 +22,7 @@ import torch
 
 from xllm.backends.cpu import attention, linear, ops, quant_linear
 from xllm.backends.cpu import kernels as _kernels
-from xllm.backends.cpu.graphs import CpuGraphRunner
+from xllm.backends.cpu.graphs import CPU_CAPTURE_SIZES, CpuGraphRunner
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
@@ -221,7 +221,7 @@ class CpuBackend(Backend):
                 fn,
                 inputs,
                 self.device(device_index),
-                capture_sizes,
+                capture_sizes or CPU_CAPTURE_SIZES,
                 max_batch_size,
                 own_ops=self._runs_own_ops,
             )
