@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -345,6 +345,14 @@ class Backend(ABC):
         return self._sample(logits, sampling)
 
     # ------------------------------------------------------------------ memory
+
+    def place_weights(self, tensors: dict[str, Any], device_index: int = 0) -> dict[str, Any]:
+        """A model's weights, read on the host, where the model will use them: on the device by
+        default. Takes the tensors out of `tensors` as it goes, so the host copies can be freed.
+        Values are tensors or objects with a tensor-like ``to(device)`` (the models' int8
+        weights). A backend may lay them out for its kernels (the CPU puts them on huge pages)."""
+        device = self.device(device_index)
+        return {name: tensors.pop(name).to(device) for name in list(tensors)}
 
     def mem_info(self, device_index: int = 0) -> MemInfo:
         """Free and total bytes of the device's memory."""

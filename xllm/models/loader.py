@@ -200,8 +200,7 @@ def load_model(
         # On the host, before the move: the device then only ever holds the int8 copy.
         tensors = quantize_projections(tensors, config)
     device = backend.device(device_index)
-    if device.type != "cpu":
-        tensors = {name: t.to(device) for name, t in tensors.items()}
+    tensors = backend.place_weights(tensors, device_index)
     return MODEL_CLASSES[config.family](config, backend, Weights(tensors, source), device)
 
 

@@ -229,7 +229,6 @@ def load_model_shard(
     elif quantization != "none":
         raise ValueError(f"unsupported quantization {quantization!r}")
     device = backend.device(device_index)
-    if device.type != "cpu":
-        tensors = {name: t.to(device) for name, t in tensors.items()}
+    tensors = backend.place_weights(tensors, device_index)
     family = loader.MODEL_CLASSES[config.family]
     return build_shard(family, config, backend, Weights(tensors, source), device, comm)

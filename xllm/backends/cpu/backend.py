@@ -16,13 +16,14 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from xllm.backends.cpu import attention, linear, ops, quant_linear
 from xllm.backends.cpu import kernels as _kernels
 from xllm.backends.cpu.graphs import CPU_CAPTURE_SIZES, CpuGraphRunner
+from xllm.backends.cpu.weights import on_huge_pages
 from xllm.backends.cpu.xtensor import CpuXTensor
 from xllm.hal import sampling_ops
 from xllm.hal.backend import FLOAT_DTYPES, Backend, Capabilities
@@ -205,6 +206,11 @@ class CpuBackend(Backend):
 
     def _create_xtensor(self, num_pages: int, page_size_bytes: int | None, device_index: int) -> XTensor:
         return CpuXTensor(num_pages, page_size_bytes)
+
+    # ------------------------------------------------------------------ memory
+
+    def place_weights(self, tensors: dict[str, Any], device_index: int = 0) -> dict[str, Any]:
+        return on_huge_pages(tensors)
 
     # ------------------------------------------------------------------ graphs
 
