@@ -104,11 +104,19 @@ def _sequence(seq_id: int, token_ids: list[int]) -> Sequence:
     return Sequence(seq_id, request, 0, list(token_ids), len(token_ids), seed=0)
 
 
-def _proposer(path: Path, num_blocks: int = 64, max_model_len: int = 256) -> DraftModelProposer:
+def _proposer(
+    path: Path, num_blocks: int = 64, max_model_len: int = 256, budget: int | None = None
+) -> DraftModelProposer:
     backend = get_backend("cpu")
     model = load_draft_model(str(path), backend, torch.float32, ModelConfig.from_pretrained(path).vocab_size)
     return DraftModelProposer(
-        backend, model, block_size=16, num_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=4
+        backend,
+        model,
+        block_size=16,
+        num_blocks=num_blocks,
+        max_model_len=max_model_len,
+        max_num_seqs=4,
+        max_num_batched_tokens=budget,
     )
 
 
@@ -133,6 +141,26 @@ def test_proposals_are_the_models_own_greedy_continuation(make_llm, tiny_llama_d
     proposer.release(b)
     proposer.release(b)  # idempotent
     assert proposer.kv_cache.num_used_blocks == 0
+
+
+def test_a_catch_up_past_the_step_budget_is_split_over_proposals(make_llm, tiny_llama_dir) -> None:
+    prompts = _prompts(2, seed=8)
+    prompts = [p + p for p in prompts]  # long enough to need several 16-token parts
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in make_llm().generate(prompts, greedy, use_tqdm=False)]
+    proposer = _proposer(tiny_llama_dir, budget=16)
+    seqs = [_sequence(0, prompts[0]), _sequence(1, prompts[1])]
+    rounds = 0
+    got = [[], []]
+    while not all(got):
+        rounds += 1
+        for i, draft in enumerate(proposer.propose(seqs, [4, 4])):
+            got[i] = got[i] or draft
+        assert rounds <= 2 * sum(len(p) for p in prompts) // 16 + 2, "the catch-up made no progress"
+    assert rounds > 1  # no proposal computed more than 16 tokens, so it took several
+    assert got == [ref[0], ref[1]]
+    for seq in seqs:
+        proposer.release(seq)
 
 
 def test_proposer_respects_its_blocks_and_the_context_limit(tiny_llama_dir) -> None:

@@ -49,8 +49,12 @@ class DraftModelProposer:
         num_blocks: int,
         max_model_len: int,
         max_num_seqs: int,
+        max_num_batched_tokens: int | None = None,
         use_graphs: bool = True,
     ) -> None:
+        # The catch-up step's token budget (the engine's step budget): a long prompt is caught up
+        # over several proposals, as the target's chunked prefill does.
+        self.max_num_batched_tokens = max_num_batched_tokens
         if model.config.max_position_embeddings < max_model_len:
             raise ValueError(
                 f"the draft model has max_position_embeddings {model.config.max_position_embeddings}, "
@@ -95,18 +99,26 @@ class DraftModelProposer:
         drafts: list[list[int]] = [[] for _ in seqs]
         # (scheduled shadow, tokens wanted, index in seqs) of the sequences still guessing
         batch: list[tuple[ScheduledSequence, int, int]] = []
+        budget = self.max_num_batched_tokens
         for i, (seq, k) in enumerate(zip(seqs, ks, strict=True)):
             # Never compute a position >= max_model_len: guess j comes from position len - 1 + j.
             k = min(k, self.max_model_len - seq.num_tokens + 1)
-            if k <= 0:
+            if k <= 0 or budget == 0:
                 continue
             shadow = self._sync(seq)
             chunk = shadow.num_tokens - shadow.num_computed_tokens
+            # A catch-up past what is left of the budget computes its first part only and
+            # guesses nothing this time.
+            part = chunk if budget is None else min(chunk, budget)
+            if part < chunk:
+                k = 0
             # All blocks of the k steps at once (all or nothing), so later steps cannot fail.
-            if not self.kv_cache.allocate(shadow, chunk + k - 1):
+            if not self.kv_cache.allocate(shadow, part + max(k - 1, 0)):
                 self.release(seq)
                 continue
-            batch.append((ScheduledSequence(shadow, chunk), k, i))
+            if budget is not None:
+                budget -= part
+            batch.append((ScheduledSequence(shadow, part), k, i))
         # Step 1 catches every shadow up (its whole prompt the first time) and guesses once;
         # steps 2..k are single-token decodes, the batch shrinking as sequences have enough.
         while batch:
@@ -115,6 +127,8 @@ class DraftModelProposer:
             for (item, k, i), sampled in zip(batch, result.sampled, strict=True):
                 shadow = item.seq
                 shadow.num_computed_tokens += item.num_new_tokens
+                if sampled is None:  # a catch-up cut by the budget: it went part of the way
+                    continue
                 shadow.token_ids.append(sampled.token_id)
                 drafts[i].append(sampled.token_id)
                 if len(drafts[i]) < k:

@@ -168,6 +168,7 @@ class LLMEngine:
                 num_blocks=num_blocks,  # one draft block per block of the target's context
                 max_model_len=self.max_model_len,
                 max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
                 use_graphs=config.use_graphs,
             )
         self.requests: dict[str, Request] = {}
