@@ -206,42 +206,28 @@ class ModelRunner:
         """Logits of the sampled rows, of the prompt-logprob rows and of the rows verifying draft
         tokens (None where there are none).
 
-        Decode-only steps replay the bucket's graph; any other step (prefill chunks, a batch past
-        the largest bucket, prompt logprobs, which need every row's logits) runs eagerly.
+        Decode-only steps and steps verifying draft tokens replay the bucket's graph, one row per
+        token; any other step (prefill chunks, a batch past the largest bucket, prompt logprobs,
+        which need every row's logits) runs eagerly.
         """
         runner = self.graph_runner
         if runner is None or inputs.prompt_lp_rows:
             return self._forward_eager(inputs)
-        if inputs.all_decodes and runner.bucket_for(inputs.num_seqs) is not None:
-            return self._replay_decode(inputs), None, None
-        if inputs.verify_rows and runner.bucket_for(len(inputs.input_ids)) is not None:
+        if (inputs.all_decodes or inputs.verify_rows) and runner.bucket_for(
+            len(inputs.input_ids)
+        ) is not None:
             return self._replay_rows(inputs)
         return self._forward_eager(inputs)
 
-    def _replay_decode(self, inputs: StepInputs) -> torch.Tensor:
-        """One token per sequence through the graph runner, which pads to the bucket."""
-        logits = self.graph_runner.run(
-            input_ids=self._tensor(inputs.input_ids, torch.int64),
-            positions=self._tensor(inputs.positions, torch.int64),
-            slot_mapping=self._tensor(inputs.slot_mapping, torch.int64),
-            seq_lens=self._tensor(inputs.seq_lens, torch.int32),
-            block_tables=_block_tables(inputs.block_tables, self.max_blocks_per_seq).to(self.device),
-        )
-        if len(inputs.sample_rows) != inputs.num_seqs:
-            logits = logits[torch.tensor(inputs.sample_rows, device=self.device)]
-        return logits
-
-    def _replay_rows(self, inputs: StepInputs) -> tuple[torch.Tensor | None, None, torch.Tensor]:
-        """A step verifying draft tokens, through the decode graphs: each token becomes a row of
-        its own that attends to its sequence's first `position + 1` tokens. Every layer writes
-        the whole step's KV before it attends, so the rows of one sequence see each other's
-        keys as a causal chunk would."""
+    def _replay_rows(self, inputs: StepInputs) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        """A decode step, or one verifying draft tokens, through the decode graphs (the runner
+        pads to the bucket): each token is a row of its own that attends to its sequence's first
+        `position + 1` tokens. Every layer writes the whole step's KV before it attends, so the
+        rows of one sequence see each other's keys as a causal chunk would."""
         qsl = inputs.query_start_loc
-        tables = [
-            table
-            for table, a, b in zip(inputs.block_tables, qsl[:-1], qsl[1:], strict=True)
-            for _ in range(b - a)
-        ]
+        tables = inputs.block_tables
+        if not inputs.all_decodes:
+            tables = [t for t, a, b in zip(tables, qsl[:-1], qsl[1:], strict=True) for _ in range(b - a)]
         logits = self.graph_runner.run(
             input_ids=self._tensor(inputs.input_ids, torch.int64),
             positions=self._tensor(inputs.positions, torch.int64),
@@ -249,8 +235,15 @@ class ModelRunner:
             seq_lens=self._tensor([p + 1 for p in inputs.positions], torch.int32),
             block_tables=_block_tables(tables, self.max_blocks_per_seq).to(self.device),
         )
-        sampled = logits[self._tensor(inputs.sample_rows, torch.int64)] if inputs.sample_rows else None
-        verify = logits[self._tensor([r for _, rows in inputs.verify_rows for r in rows], torch.int64)]
+        rows = inputs.sample_rows
+        sampled = None
+        if rows:  # a decode step samples every row, in order: no gather
+            sampled = (
+                logits if len(rows) == len(inputs.input_ids) else logits[self._tensor(rows, torch.int64)]
+            )
+        verify = None
+        if inputs.verify_rows:
+            verify = logits[self._tensor([r for _, rs in inputs.verify_rows for r in rs], torch.int64)]
         return sampled, None, verify
 
     def _forward_eager(
