@@ -110,16 +110,21 @@ def _decode_metadata(seq_lens: list[int], tables: torch.Tensor, window: int | No
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 1)])
-def test_paged_decode_attention(cpu, cpu_kernels, window: int | None, heads: tuple[int, int]) -> None:
+@pytest.mark.parametrize("rows", [5, 17], ids=["a-task-per-kv-head", "a-task-per-sequence"])
+def test_paged_decode_attention(
+    cpu, cpu_kernels, window: int | None, heads: tuple[int, int], rows: int
+) -> None:
     hq, hkv = heads
-    g = _gen(hq * 10 + hkv)
+    g = _gen(hq * 10 + hkv + rows)
     k_cache, v_cache = torch.randn(12, 4, hkv, 64, generator=g), torch.randn(12, 4, hkv, 64, generator=g)
-    seq_lens = [1, 9, 20, 4, 1]  # the last row is a graph pad row: one token over block 0
-    tables = torch.randint(1, 12, (5, 6), generator=g, dtype=torch.int32)
-    tables[4] = 0
-    q = torch.randn(5, hq, 64, generator=g)
+    # The last row is a graph pad row: one token over block 0. From 4 rows per thread on, the
+    # kernel takes a whole sequence per task instead of one KV head of it.
+    seq_lens = ([1, 9, 20, 4] * 5)[: rows - 1] + [1]
+    tables = torch.randint(1, 12, (rows, 6), generator=g, dtype=torch.int32)
+    tables[rows - 1] = 0
+    q = torch.randn(rows, hq, 64, generator=g)
     md = _decode_metadata(seq_lens, tables, window)
-    k_new = v_new = torch.zeros(5, hkv, 64)
+    k_new = v_new = torch.zeros(rows, hkv, 64)
     got = cpu_kernels.attention(q, k_new, v_new, k_cache, v_cache, md)
     want = cpu.attention(q, k_new, v_new, k_cache, v_cache, md)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
