@@ -213,7 +213,7 @@ def interleaved(
                 note, runs = peers[name].timed_runs(ctx, workload)
                 series.append((name, note, runs, []))
             except Exception as exc:
-                row.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.failed = _failure(exc)
     try:
         for _ in range(repeats):
             for entry in list(series):
@@ -223,7 +223,7 @@ def interleaved(
                 except Exception as exc:  # one broken peer must not lose the others' figures
                     if name == "xllm":
                         raise
-                    next(r for r in rows if r.name == name).failed = f"{type(exc).__name__}: {exc}"
+                    next(r for r in rows if r.name == name).failed = _failure(exc)
                     runs.close()
                     series.remove(entry)
     finally:
@@ -432,7 +432,7 @@ def _run_peers(
                         reference.token_ids if reference else None, row.result.token_ids
                     )
             except Exception as exc:  # one broken peer must not lose the others' figures
-                row.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.failed = _failure(exc)
         rows.append(row)
         gc.collect()  # the previous peer's model should not share memory bandwidth or RAM with the next
     return rows
@@ -458,6 +458,11 @@ def _startup(args: argparse.Namespace, model_path: str) -> tuple[Report, Workloa
         args.compare, _peer_context(args, model_path, dtype), workload, None, startup=True
     )
     return report, workload
+
+
+def _failure(exc: Exception) -> str:
+    """A failed peer's row: the exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _peer_context(args: argparse.Namespace, model_path: str, dtype: str) -> PeerContext:

@@ -182,9 +182,9 @@ class LLMEngine:
         # Prefill/decode hand-off; its transfer engine (a listening socket) starts on first use.
         self.handoff = KVHandoff(self.backend, self.kv_cache, lambda: self.kv_caches)
         self._received: list[Sequence] = []  # prompt KV received, waiting for a free seat
-        # Async scheduling: one step runs on this thread while the engine's thread schedules the
-        # next one and builds the outputs of the last (see _step_async).
-        # Started on the first async step; the config may be switched between runs (the bench does).
+        # Async scheduling: one step runs on the step thread while the engine's thread schedules
+        # the next one and builds the outputs of the last (see _step_async). The thread starts
+        # on the first async step: the config may be switched between runs (the bench does).
         self._step_thread: ThreadPoolExecutor | None = None
         self._in_flight: _StepInFlight | None = None
 
